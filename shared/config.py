@@ -1,0 +1,233 @@
+"""The one typed configuration every stage reads.
+
+Plain dataclasses with defaults (nanoGPT style: values, not a framework). A TOML file overrides
+the defaults (`--config configs/demo.toml`), then `--set section.key=value` overrides the file.
+Unknown keys and values of the wrong type are errors that name the key. Every stage writes the
+resolved config beside its outputs (`save_config`), so a run can always be reproduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import BadInput
+
+
+@dataclass
+class DataConfig:
+    """Where the users' inputs are and how `prepare` cuts them into term chunks."""
+    segments: str = "cache/demo/corpus/segments.tsv"
+    alignments: str = "cache/demo/corpus/alignments"
+    glossary: str = "cache/demo/corpus/glossary.json"
+    alt2main: str = "cache/demo/corpus/alt2main.json"
+    chunks: str = "cache/demo/chunks"          # folder of {train,dev,test}.jsonl manifests
+    context: float = 1.0                       # seconds of context each side of a term
+    noterm_ratio: float = 0.1                  # no-term chunks per term chunk
+    noterm_min: float = 2.5
+    noterm_max: float = 4.0
+    max_ngram: int = 5
+    split_by: str = "speaker"                  # "speaker" | "ratio" | "none"
+    dev_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 0
+    text_field: str = "term"                   # glossary field the text side embeds (seed's text_field)
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen models stage 1 runs, and where the taps sit."""
+    kind: str = "embedded"                     # "embedded" (Whisper tiny.en + MiniLM) | "qwen2audio"
+    audio_model: str = "cache/models/whisper-tiny-en-qwen2audio"
+    text_model: str = ""                       # "" = the packaged MiniLM (embedded) / same checkpoint (qwen2audio)
+    revision: str = ""
+    audio_source: str = "tower"                # "tower" | "lm" (LM states over audio tokens, as the seed)
+    audio_unfreeze: int = 1                    # top audio layers trained in stage 2 (tap = input of layer L-N)
+    text_unfreeze: int = 0
+    text_prompt: str = "{text}"
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class ExtractConfig:
+    batch_seconds: float = 120.0               # audio seconds per batch (duration-bucketed batches)
+    text_batch: int = 256
+    shard_size: int = 512                      # chunks per shard: the unit of resume and scale-out
+    max_chunk_seconds: float = 30.0            # the tower has 1500 positions: longer chunks are rejected
+    limit: int = 0                             # 0 = all; N = first N chunks per split (seed's quick mode)
+
+
+@dataclass
+class CacheConfig:
+    root: str = "cache"
+    name: str = "demo"                         # cache/features/NAME
+    format: str = "zarr"                       # "zarr" | "hdf5"
+    dtype: str = "float16"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    top_lr: float = 1e-4                       # learning rate of the unfrozen top layers
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    proj_dim: int = 512
+    pooling: str = "mean"                      # "mean" | "attentive"
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    eval_every: int = 0                        # steps; 0 = once per epoch
+    patience: int = 3                          # evaluations without dev R@5 gain before stopping
+    seed: int = 0
+    dedup_terms: bool = True                   # sampler keeps a term at most once per batch
+    hard_k: int = 8                            # mined hard negatives per chunk
+    hard_refresh: int = 100                    # steps between hard-negative refreshes
+    reject_k: int = 16                         # nearest glossary terms the rejection hinge looks at
+    in_memory: str = "auto"                    # "auto" | "yes" | "no"
+    limit: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    w_text: float = 0.3
+    w_term: float = 0.7
+    w_reject: float = 0.2
+    w_hard: float = 0.2
+    reject_margin: float = 0.3
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    index: str = "Flat"                        # FAISS index_factory string
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    glossary_sizes: list[int] = field(default_factory=lambda: [1000, 10000])
+    keep_hits: float = 0.9                     # threshold keeps this share of dev top-1 hits
+    window: float = 1.92                       # streaming retriever
+    hop: float = 0.96
+    min_votes: int = 1
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key: str, source: str):
+    """Check `value` against the dataclass field type; strings from --set are parsed first."""
+    origin = typing.get_origin(typ)
+    if isinstance(value, str) and typ is not str and origin is None:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return typ(text)
+        except ValueError:
+            raise BadInput(f"config key '{key}' expects {typ.__name__}, got {value!r}", file=source,
+                           fix=f"give a {typ.__name__} value") from None
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise BadInput(f"config key '{key}' expects a list, got {value!r}", file=source)
+        return [_coerce(v, item, key, source) for v in value]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BadInput(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}",
+                       file=source, fix=f"give a {typ.__name__} value")
+    return value
+
+
+def _section_types(section) -> dict:
+    return typing.get_type_hints(type(section))
+
+
+def _apply(cfg: Config, key: str, value, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise BadInput(f"config key '{key}' must look like section.key (e.g. train.lr)", file=source)
+    sec_name, name = parts
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if sec_name not in sections:
+        raise BadInput(f"unknown config section '{sec_name}' in key '{key}'", file=source,
+                       fix=f"sections are: {', '.join(sorted(sections))}")
+    section = getattr(cfg, sec_name)
+    types_ = _section_types(section)
+    if name not in types_:
+        raise BadInput(f"unknown config key '{key}'", file=source,
+                       fix=f"keys of [{sec_name}] are: {', '.join(types_)}")
+    setattr(section, name, _coerce(value, types_[name], key, source))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file, then `key=value` overrides (in that order)."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput("config file does not exist", file=path, fix="check the --config path")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise BadInput(f"not valid TOML: {e}", file=path) from None
+        for sec_name, values in data.items():
+            if not isinstance(values, dict):
+                raise BadInput(f"top-level key '{sec_name}' must be a [section]", file=path)
+            for name, value in values.items():
+                _apply(cfg, f"{sec_name}.{name}", value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise BadInput(f"override {item!r} must look like section.key=value", file="--set")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value, "--set")
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    for sec_name, values in data.items():
+        for name, value in values.items():
+            _apply(cfg, f"{sec_name}.{name}", value, "<saved config>")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (JSON) beside a stage's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> dict:
+    """Keys whose values differ between two resolved configs: {key: (a, b)}."""
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(diff_configs(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out[f"{prefix}{k}"] = (va, vb)
+    return out
+

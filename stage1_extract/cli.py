@@ -1,0 +1,41 @@
+"""Stage 1 command line: one click command per Python entry point of the stage."""
+from __future__ import annotations
+
+import click
+
+from shared.cli import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Stage 1: turn the users' data into term-chunk manifests and run the frozen models once.
+
+    \b
+    prepare      MFA alignments + glossary -> term-chunk manifests (train/dev/test.jsonl)
+    demo-corpus  synthesise the offline demo corpus in the users' input formats
+    extract      run the frozen backbone once over chunks and glossary, cache hidden states
+    verify       check every shard of a feature cache against its checksum
+    """
+
+
+def _register():
+    # Commands live beside the code they drive; import lazily-registered modules here.
+    import importlib
+    for module, attr in [("stage1_extract.prepare", "prepare_command"),
+                         ("stage1_extract.demo_corpus", "demo_corpus_command"),
+                         ("stage1_extract.extract", "extract_command"),
+                         ("stage1_extract.extract", "verify_command")]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # not built yet
+            raise
+        cmd = getattr(mod, attr, None)
+        if cmd is not None:
+            cli.add_command(cmd)
+
+
+def main():
+    _register()
+    run_cli(cli)
