@@ -202,7 +202,8 @@ def test_retrieval_loss_combines_weighted_components():
     assert parts["total"] == pytest.approx(0.3 * parts["audio_text"] + 0.7 * parts["audio_term"]
                                            + 0.5 * parts["reject"] + 0.2 * parts["hard"], rel=1e-6)
     # the no-term chunk's rejection: max cosine over batch terms and its valid mined terms
-    scores = torch.cat([audio[3] @ terms.T, hard[3, :2] @ audio[3]])
+    a3 = audio[3].detach()
+    scores = torch.cat([a3 @ terms.T, hard[3, :2] @ a3])
     assert parts["reject"] == pytest.approx(float(scores.max() + 1.0), rel=1e-5)
     total.backward()
     assert torch.isfinite(audio.grad).all()
@@ -210,7 +211,7 @@ def test_retrieval_loss_combines_weighted_components():
     # before the first mining: no hard negatives, rejection over batch terms only
     _, parts = loss_fn(audio, text, terms, pos, ignore, 14.0)
     assert parts["hard"] == 0.0
-    assert parts["reject"] == pytest.approx(float((audio[3] @ terms.T).max() + 1.0), rel=1e-5)
+    assert parts["reject"] == pytest.approx(float((a3 @ terms.T).max() + 1.0), rel=1e-5)
 
 
 def test_build_term_masks_rejects_a_term_without_column():

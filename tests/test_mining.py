@@ -1,0 +1,112 @@
+"""Hard-negative mining on hand-made embeddings: what it excludes, keeps and reports."""
+import numpy as np
+import pytest
+
+from stage2_train.mining import format_stats, mine_hard_negatives
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def ladder(n_terms=8, dim=16, seed=0):
+    """Glossary of random unit vectors; chunk i sits next to term i."""
+    rng = np.random.default_rng(seed)
+    glossary = unit(rng.normal(size=(n_terms, dim)))
+    return rng, glossary
+
+
+def brute_force(audio, glossary, positives, equivalent, k):
+    group = lambda t: (equivalent or {}).get(t, t)
+    out = np.full((len(audio), k), -1)
+    for i, a in enumerate(unit(audio)):
+        scores = unit(glossary) @ a
+        banned = {group(t) for t in positives[i]}
+        order = [int(t) for t in np.argsort(-scores, kind="stable") if group(int(t)) not in banned]
+        out[i, :min(k, len(order))] = order[:k]
+    return out
+
+
+def test_never_returns_a_positive_or_an_alias_and_respects_k():
+    rng, glossary = ladder()
+    glossary[3] = unit(glossary[2] + 0.05 * rng.normal(size=16))    # 3 is an alias of 2, and close
+    audio = unit(glossary[[2, 5, 0]] + 0.1 * rng.normal(size=(3, 16)))
+    positives = [{2}, {5, 6}, set()]
+    equivalent = {3: 2}
+    ids, stats = mine_hard_negatives(audio, glossary, positives, equivalent, k=4)
+    assert ids.shape == (3, 4) and ids.dtype == np.int64
+    assert not {2, 3} & set(ids[0].tolist())
+    assert not {5, 6} & set(ids[1].tolist())
+    for row in ids:
+        assert len(set(row.tolist())) == 4
+    assert np.array_equal(ids, brute_force(audio, glossary, positives, equivalent, 4))
+    assert ids[2, 0] == 0                        # a no-term chunk keeps its nearest term
+    assert stats["removed"]["positive_or_alias"] == 4
+    assert stats["short"] == 0
+
+
+def test_matches_brute_force_on_random_data():
+    rng, glossary = ladder(n_terms=50, dim=8, seed=1)
+    audio = rng.normal(size=(30, 8)).astype(np.float32)
+    positives = [set(rng.choice(50, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(30)]
+    equivalent = {int(a): int(b) for a, b in zip(range(0, 50, 5), range(1, 50, 5))}
+    ids, _ = mine_hard_negatives(audio, glossary, positives, equivalent, k=6, block=7)
+    assert np.array_equal(ids, brute_force(audio, glossary, positives, equivalent, 6))
+
+
+def test_minus_one_fill_when_glossary_is_tiny():
+    glossary = unit(np.eye(3))
+    audio = unit([[1.0, 0.5, 0.1]])
+    ids, stats = mine_hard_negatives(audio, glossary, [{0}], k=5)
+    assert ids.tolist() == [[1, 2, -1, -1, -1]]
+    assert stats["short"] == 1
+    ids, _ = mine_hard_negatives(audio, glossary, [{0}], equivalent={1: 0, 2: 0}, k=2)
+    assert ids.tolist() == [[-1, -1]]
+
+
+def test_filters_remove_what_they_say():
+    # cosines to terms 0..4 for the one chunk: 0.9 (positive), 0.8, 0.6, 0.4, 0.2
+    scores = np.array([0.9, 0.8, 0.6, 0.4, 0.2])
+    glossary = np.zeros((5, 6), dtype=np.float32)      # term i = (s_i, ..., sqrt(1 - s_i^2) at 1+i)
+    for i, s in enumerate(scores):
+        glossary[i, 0], glossary[i, 1 + i] = s, np.sqrt(1 - s * s)
+    audio = np.zeros((1, 6), dtype=np.float32)
+    audio[0, 0] = 1.0
+    positives = [{0}]
+
+    ids, st = mine_hard_negatives(audio, glossary, positives, k=4)
+    assert ids.tolist() == [[1, 2, 3, 4]]
+    assert st["positive_scores"]["mean"] == pytest.approx(0.9, abs=1e-6)
+
+    ids, st = mine_hard_negatives(audio, glossary, positives, k=4, exclude_top=1)
+    assert ids.tolist() == [[2, 3, 4, -1]] and st["removed"]["exclude_top"] == 1
+
+    ids, st = mine_hard_negatives(audio, glossary, positives, k=4, max_score=0.5)
+    assert ids.tolist() == [[3, 4, -1, -1]] and st["removed"]["max_score"] == 2
+
+    ids, st = mine_hard_negatives(audio, glossary, positives, k=4, absolute_margin=0.2)
+    assert ids.tolist() == [[2, 3, 4, -1]] and st["removed"]["margin"] == 1     # 0.8 > 0.9 - 0.2
+
+    ids, st = mine_hard_negatives(audio, glossary, positives, k=4, relative_margin=0.5)
+    assert ids.tolist() == [[3, 4, -1, -1]] and st["removed"]["margin"] == 2    # > 0.45
+
+    # margins need a positive: a no-term chunk keeps its nearest terms
+    ids, st = mine_hard_negatives(audio, glossary, [set()], k=2, absolute_margin=0.2)
+    assert ids.tolist() == [[0, 1]] and st["removed"]["margin"] == 0
+
+
+def test_stats_and_format():
+    rng, glossary = ladder()
+    audio = unit(glossary[:4] + 0.05 * rng.normal(size=(4, 16)))
+    ids, stats = mine_hard_negatives(audio, glossary, [{0}, {1}, {2}, {3}], k=3)
+    assert stats["positive_scores"]["mean"] > stats["negative_scores"]["mean"]
+    assert stats["negative_scores"]["n"] == 12 and stats["seconds"] >= 0
+    line = format_stats(stats)
+    assert "\n" not in line and line.startswith("mined 3 negatives x 4 chunks")
+
+
+def test_bad_positive_id_names_the_chunk():
+    _, glossary = ladder()
+    with pytest.raises(ValueError, match="chunk 1"):
+        mine_hard_negatives(glossary[:2], glossary, [{0}, {99}], k=2)
