@@ -1,0 +1,416 @@
+"""The feature cache: where stage 1 writes hidden states and stages 2 and 3 read them.
+
+Layout of `cache/features/NAME/`:
+
+    index.json                 fingerprint (backbone, taps, dtype, features, manifests, code version)
+                               and the plan: every table's item count and shard size
+    glossary.json              the normalised glossary (term keys in id order, aliases, texts)
+    chunk_texts.json           distinct chunk texts, in the order of table text/chunks
+    top_audio.{safetensors,json}, top_text.{...}   the exported trainable top layers
+    tables/<table>/<k>.zarr|.h5        one shard: `frames` (F, D) float16 + `offsets` (n + 1)
+    tables/<table>/<k>.done.json       written last: ids, frame count, sha256; a shard without it
+                                       does not exist for readers and is redone by writers
+
+Tables: `audio/<split>` (one item per chunk, per-frame states at the audio tap),
+`text/glossary` (one item per term id), `text/chunks` (one item per distinct chunk text).
+Ragged items are stored as one 2-D array of frames plus offsets, uncompressed: float16 hidden
+states barely compress (5-13%) while compression costs 2-10x in read speed (see NOTES).
+A shard is written under a temporary name, renamed, then marked done, so a killed writer never
+leaves something a later run would take for finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import BadInput
+
+CACHE_VERSION = 1
+FORMATS = ("zarr", "hdf5")
+
+
+# ---------------------------------------------------------------- storage backends (one shard)
+
+def _shard_suffix(fmt: str) -> str:
+    return {"zarr": ".zarr", "hdf5": ".h5"}[fmt]
+
+
+def write_shard_file(path: Path, frames: np.ndarray, offsets: np.ndarray, fmt: str) -> None:
+    if fmt == "zarr":
+        import zarr
+        g = zarr.open_group(str(path), mode="w")
+        rows = max(1, min(len(frames), 8192))
+        a = g.create_array("frames", shape=frames.shape, dtype=frames.dtype,
+                           chunks=(rows, frames.shape[1]), compressors=None)
+        if len(frames):
+            a[:] = frames
+        o = g.create_array("offsets", shape=offsets.shape, dtype="int64", chunks=offsets.shape,
+                           compressors=None)
+        o[:] = offsets
+    elif fmt == "hdf5":
+        import h5py
+        with h5py.File(path, "w") as f:
+            # contiguous (no chunking, no filters): one pread per item
+            f.create_dataset("frames", data=frames)
+            f.create_dataset("offsets", data=offsets)
+    else:
+        raise BadInput(f"unknown cache format {fmt!r}", fix="set cache.format to zarr or hdf5")
+
+
+class ShardReader:
+    """Random access to one shard's items; `frames_all()` reads the shard in one go."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        if fmt == "zarr":
+            import zarr
+            g = zarr.open_group(str(path), mode="r")
+            self._frames = g["frames"]
+            self.offsets = np.asarray(g["offsets"][:])
+        else:
+            import h5py
+            self._file = h5py.File(path, "r")
+            self._frames = self._file["frames"]
+            self.offsets = self._file["offsets"][:]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def item(self, i: int) -> np.ndarray:
+        return np.asarray(self._frames[int(self.offsets[i]):int(self.offsets[i + 1])])
+
+    def frames_all(self) -> np.ndarray:
+        return np.asarray(self._frames[:])
+
+    def close(self) -> None:
+        if self.fmt == "hdf5":
+            self._file.close()
+
+
+def shard_checksum(frames: np.ndarray, offsets: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(frames).tobytes())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclass
+class TablePlan:
+    items: int
+    shard_size: int
+
+    @property
+    def shards(self) -> int:
+        return (self.items + self.shard_size - 1) // self.shard_size
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min(self.items, (k + 1) * self.shard_size)
+
+
+class Table:
+    """One ragged table of the cache (e.g. `audio/train`): its shards, writer and reader sides."""
+
+    def __init__(self, cache: "FeatureCache", name: str, plan: TablePlan):
+        self.cache, self.name, self.plan = cache, name, plan
+        self.dir = cache.root / "tables" / name
+        self._readers: dict[int, ShardReader] = {}
+        self._meta: list[dict] | None = None
+
+    # -- writer side
+    def shard_path(self, k: int) -> Path:
+        return self.dir / f"{k:05d}{_shard_suffix(self.cache.format)}"
+
+    def done_path(self, k: int) -> Path:
+        return self.dir / f"{k:05d}.done.json"
+
+    def is_done(self, k: int) -> bool:
+        return self.done_path(k).is_file()
+
+    def write_shard(self, k: int, ids: list[str], items: list[np.ndarray], rejected: list[dict] = ()) -> dict:
+        """Commit shard k: write to a temporary name, rename, then mark done (in that order)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dim = self.cache.dim_of(self.name)
+        frames = (np.concatenate(items).astype(self.cache.dtype) if items
+                  else np.zeros((0, dim), dtype=self.cache.dtype))
+        offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in items])
+        final = self.shard_path(k)
+        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        _remove(tmp)
+        write_shard_file(tmp, frames, offsets, self.cache.format)
+        _remove(final)  # a shard without its done mark is an unfinished leftover
+        os.replace(tmp, final)
+        meta = {"ids": list(ids), "frames": int(len(frames)), "dim": int(frames.shape[1]),
+                "sha256": shard_checksum(frames, offsets), "rejected": list(rejected),
+                "bytes": int(frames.nbytes)}
+        _write_json_atomic(self.done_path(k), meta)
+        return meta
+
+    def clean_leftovers(self) -> int:
+        """Remove temporary and unmarked shards from killed writers; return how many."""
+        if not self.dir.is_dir():
+            return 0
+        n = 0
+        suffix = _shard_suffix(self.cache.format)
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                _remove(p)
+                n += 1
+            elif p.name.endswith(suffix) and not self.done_path(int(p.name[:5])).exists():
+                _remove(p)
+                n += 1
+        return n
+
+    # -- reader side
+    def meta(self) -> list[dict]:
+        if self._meta is None:
+            metas = []
+            for k in range(self.plan.shards):
+                p = self.done_path(k)
+                if not p.is_file():
+                    raise BadInput(f"cache incomplete: table {self.name} shard {k} is missing",
+                                   file=self.cache.root,
+                                   fix="rerun `python -m stage1_extract extract` to finish it")
+                metas.append(json.loads(p.read_text(encoding="utf-8")))
+            self._meta = metas
+            self._starts = np.cumsum([0] + [len(m["ids"]) for m in metas])
+        return self._meta
+
+    def reader(self, k: int) -> ShardReader:
+        if k not in self._readers:
+            self._readers[k] = ShardReader(self.shard_path(k), self.cache.format)
+        return self._readers[k]
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for m in self.meta() for i in m["ids"]]
+
+    def rejected(self) -> list[dict]:
+        return [r for m in self.meta() for r in m.get("rejected", [])]
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(self.reader(k).offsets) for k in range(self.plan.shards)] or
+                              [np.zeros(0, np.int64)])
+
+    def __len__(self) -> int:
+        return sum(len(m["ids"]) for m in self.meta())
+
+    def item(self, i: int) -> np.ndarray:
+        self.meta()
+        k = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.reader(k).item(i - int(self._starts[k]))
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All frames in memory (F, D) and offsets (n + 1): what training uses when it fits."""
+        frames, offsets, base = [], [np.zeros(1, np.int64)], 0
+        for k in range(self.plan.shards):
+            r = self.reader(k)
+            frames.append(r.frames_all())
+            offsets.append(r.offsets[1:] + base)
+            base += int(r.offsets[-1])
+        dim = self.cache.dim_of(self.name)
+        return (np.concatenate(frames) if frames else np.zeros((0, dim), self.cache.dtype),
+                np.concatenate(offsets))
+
+    def nbytes(self) -> int:
+        return sum(m.get("bytes", 0) for m in self.meta())
+
+    def verify(self) -> list[str]:
+        """Names of shards that are missing or whose content no longer matches its checksum."""
+        bad = []
+        for k in range(self.plan.shards):
+            if not self.is_done(k) or not self.shard_path(k).exists():
+                bad.append(f"{self.name}/{k:05d}: missing")
+                continue
+            meta = json.loads(self.done_path(k).read_text())
+            try:
+                r = ShardReader(self.shard_path(k), self.cache.format)
+                ok = shard_checksum(r.frames_all(), r.offsets) == meta["sha256"]
+                r.close()
+            except Exception as e:  # an unreadable shard is as bad as a wrong one
+                bad.append(f"{self.name}/{k:05d}: unreadable ({type(e).__name__})")
+                continue
+            if not ok:
+                bad.append(f"{self.name}/{k:05d}: checksum mismatch")
+        return bad
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+# ---------------------------------------------------------------- the cache
+
+
+class FeatureCache:
+    """Open an existing cache for reading (`FeatureCache(path)`) or create one (`FeatureCache.create`)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        idx = self.root / "index.json"
+        if not idx.is_file():
+            raise BadInput("no feature cache here (index.json missing)", file=self.root,
+                           fix="run `python -m stage1_extract extract` first, or check cache.name / --features")
+        self.index = json.loads(idx.read_text(encoding="utf-8"))
+        self.format = self.index["format"]
+        self.dtype = np.dtype(self.index["dtype"])
+        self.fingerprint = self.index["fingerprint"]
+        self.tables = {name: Table(self, name, TablePlan(**p)) for name, p in self.index["tables"].items()}
+
+    @classmethod
+    def create(cls, root: str | Path, *, fingerprint: dict, tables: dict[str, TablePlan], dims: dict,
+               fmt: str = "zarr", dtype: str = "float16", extra: dict | None = None) -> "FeatureCache":
+        """Create the index, or reopen an existing cache if (and only if) its fingerprint matches."""
+        if fmt not in FORMATS:
+            raise BadInput(f"unknown cache format {fmt!r}", fix="set cache.format to zarr or hdf5")
+        root = Path(root)
+        idx = root / "index.json"
+        fingerprint = json.loads(json.dumps({**fingerprint, "cache_version": CACHE_VERSION,
+                                             "dtype": dtype, "format": fmt}))
+        if idx.is_file():
+            old = json.loads(idx.read_text(encoding="utf-8"))
+            diff = fingerprint_diff(old["fingerprint"], fingerprint)
+            if diff:
+                raise BadInput("this cache was built with different settings: " + "; ".join(diff),
+                               file=root, fix="use another cache.name, or --force to move the old cache "
+                                              "aside and start a fresh one (caches are never mixed)")
+            return cls(root)
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(idx, {"fingerprint": fingerprint, "format": fmt, "dtype": dtype,
+                                 "tables": {n: {"items": p.items, "shard_size": p.shard_size}
+                                            for n, p in tables.items()},
+                                 "dims": dims, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 **(extra or {})})
+        return cls(root)
+
+    def dim_of(self, table: str) -> int:
+        return int(self.index["dims"][table.split("/")[0]])
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            raise BadInput(f"the cache has no table {name!r} (it has: {', '.join(self.tables)})",
+                           file=self.root, fix="extract that split, or choose another")
+        return self.tables[name]
+
+    def status(self) -> dict[str, tuple[int, int]]:
+        return {n: (sum(t.is_done(k) for k in range(t.plan.shards)), t.plan.shards)
+                for n, t in self.tables.items()}
+
+    def complete(self) -> bool:
+        return all(d == n for d, n in self.status().values())
+
+    def verify(self) -> list[str]:
+        bad = []
+        for t in self.tables.values():
+            bad += t.verify()
+        return bad
+
+    def read_json(self, name: str):
+        p = self.root / name
+        if not p.is_file():
+            raise BadInput(f"{name} missing from the cache", file=self.root, fix="rerun extract")
+        return json.loads(p.read_text(encoding="utf-8"))
+
+    def write_json(self, name: str, data) -> None:
+        _write_json_atomic(self.root / name, data)
+
+    def close(self) -> None:
+        for t in self.tables.values():
+            t.close()
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: cache has {_short(a)}, config gives {_short(b)}")
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ---------------------------------------------------------------- writer lock
+
+
+class WriterLock:
+    """A lock file naming its owner (host, pid). A live owner on this host stops a second writer;
+    a lock left by a dead process is taken over."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    owner = {}
+                if owner and not _is_stale(owner):
+                    raise BadInput(f"another extraction is writing here (host {owner.get('host')}, pid "
+                                   f"{owner.get('pid')}, since {owner.get('since')})", file=self.path,
+                                   fix="wait for it to finish, or delete the lock file if that process is gone")
+                self.path.unlink(missing_ok=True)  # stale: its owner is dead
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise BadInput("could not take the writer lock", file=self.path, fix="delete the lock file")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _is_stale(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return False  # cannot see processes on other hosts: assume alive
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False

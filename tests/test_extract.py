@@ -1,0 +1,192 @@
+"""Extraction loop, cache format, resume and scale-out, with a small deterministic backbone.
+
+The real backbones (tiny random Qwen2-Audio, converted Whisper) are tested in test_backbones.py;
+here the backbone only has to be a pure function of its input so caches can be compared.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shared.cache import FeatureCache, WriterLock
+from shared.config import load_config
+from shared.errors import BadInput
+from shared.manifest import Chunk, write_chunks
+from stage1_extract.extract import duration_batches, extract, verify
+
+
+class FakeBackbone:
+    """Frame features = framewise stats of the waveform (20 ms hop); text = character codes."""
+    audio_dim, text_dim = 4, 3
+
+    def __init__(self):
+        self.audio_calls = 0
+        self.batch_sizes = []
+
+    def audio_features(self, waves):
+        self.audio_calls += 1
+        self.batch_sizes.append(len(waves))
+        out = []
+        for w in waves:
+            n = max(1, len(w) // 320)
+            fr = w[: n * 320].reshape(n, 320) if len(w) >= 320 else np.pad(w, (0, 320 - len(w)))[None]
+            out.append(np.stack([fr.mean(1), fr.std(1), fr.max(1), fr.min(1)], 1).astype(np.float32))
+        return out
+
+    def text_features(self, texts):
+        return [np.array([[ord(ch) / 100, i, len(t)] for i, ch in enumerate(t or " ")], np.float32) for t in texts]
+
+    def export_top(self, kind, out_dir):
+        (out_dir / f"top_{kind}.json").write_text(json.dumps({"kind": "identity", "layers": 0}))
+
+    def fingerprint(self):
+        return {"kind": "fake", "version": 1}
+
+
+def make_corpus(tmp_path, n_train=30, n_test=7):
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(16000 * 60)).astype(np.float32)
+    sf.write(tmp_path / "long.wav", wav, 16000, subtype="PCM_16")
+    (tmp_path / "glossary.json").write_text(json.dumps(["alpha", "beta gamma", "delta"]))
+    terms = ["alpha", "beta gamma", "delta"]
+    chunks = tmp_path / "chunks"
+    for split, n in [("train", n_train), ("test", n_test)]:
+        items = [Chunk(id=f"{split}{i}", audio=str(tmp_path / "long.wav"), audio_offset=0.5 * i,
+                       audio_duration=1.0 + (i % 5) * 0.4, term_chunk_text=f"say {terms[i % 3]} {i % 4}",
+                       term_chunk_audio_ground_truth_terms=[terms[i % 3]], split=split) for i in range(n)]
+        write_chunks(items, chunks / f"{split}.jsonl")
+    return load_config(None, [f"data.glossary={tmp_path / 'glossary.json'}", "data.alt2main=",
+                              f"data.chunks={chunks}", f"cache.root={tmp_path / 'cache'}",
+                              "extract.shard_size=8", "extract.batch_seconds=6"])
+
+
+def quiet(*_):
+    pass
+
+
+def test_duration_batches_bucket_similar_lengths():
+    d = [3.0, 1.0, 1.1, 2.9, 1.2, 3.1]
+    batches = duration_batches(d, batch_seconds=4.0)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert max(d[i] for i in b) * len(b) <= 4.0 or len(b) == 1
+    assert [sorted(b) for b in batches][0] == [1, 2, 4]  # the short ones together
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_extract_writes_readable_cache_and_reruns_do_nothing(tmp_path, fmt):
+    cfg = make_corpus(tmp_path)
+    cfg.cache.format = fmt
+    bb = FakeBackbone()
+    stats = extract(cfg, backbone=bb, log=quiet)
+    assert stats["chunks"] == 37 and stats["complete"]
+    assert max(bb.batch_sizes) > 1                      # batched by duration, not one by one
+    cache = FeatureCache(tmp_path / "cache/features/demo")
+    train = cache.table("audio/train")
+    assert len(train) == 30 and train.ids[:3] == ["train0", "train1", "train2"]
+    w = sf.read(tmp_path / "long.wav", dtype="float32")[0]
+    expect = bb.audio_features([w[int(0.5 * 3 * 16000):int((0.5 * 3 + 1.0 + 3 * 0.4) * 16000)]])[0]
+    np.testing.assert_allclose(train.item(3), expect, atol=2e-3)   # float16 on disk
+    frames, offsets = train.load()
+    np.testing.assert_array_equal(frames[offsets[3]:offsets[4]], train.item(3))
+    gl = cache.table("text/glossary")
+    assert len(gl) == 3 and cache.read_json("glossary.json")["keys"] == ["alpha", "beta gamma", "delta"]
+    texts = cache.read_json("chunk_texts.json")
+    assert len(cache.table("text/chunks")) == len(texts) == len(set(texts)) == 12
+    assert verify(cache.root, log=quiet) == []
+    calls = bb.audio_calls
+    again = extract(cfg, backbone=bb, log=quiet)
+    assert again["shards"] == 0 and bb.audio_calls == calls      # complete: the model is not run
+
+
+def test_changed_settings_are_refused_never_mixed(tmp_path):
+    cfg = make_corpus(tmp_path)
+    extract(cfg, backbone=FakeBackbone(), log=quiet)
+    cfg.backbone.audio_unfreeze = 3
+    with pytest.raises(BadInput, match="backbone.audio_unfreeze: cache has 1, config gives 3"):
+        extract(cfg, backbone=FakeBackbone(), log=quiet)
+    extract(cfg, backbone=FakeBackbone(), force=True, log=quiet)
+    olds = list((tmp_path / "cache/features").glob("demo.old-*"))
+    assert len(olds) == 1 and (olds[0] / "index.json").is_file()
+
+
+def test_sharded_writers_equal_one_writer(tmp_path):
+    cfg = make_corpus(tmp_path)
+    extract(cfg, out=tmp_path / "one", backbone=FakeBackbone(), log=quiet)
+    first = extract(cfg, out=tmp_path / "two", shard_index=0, num_shards=2, backbone=FakeBackbone(), log=quiet)
+    assert not first["complete"]
+    extract(cfg, out=tmp_path / "two", shard_index=1, num_shards=2, backbone=FakeBackbone(), log=quiet)
+    a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two")
+    assert a.complete() and b.complete()
+    for name in a.tables:
+        fa, oa = a.table(name).load()
+        fb, ob = b.table(name).load()
+        np.testing.assert_array_equal(fa, fb)
+        np.testing.assert_array_equal(oa, ob)
+        assert a.table(name).ids == b.table(name).ids
+
+
+def test_resume_after_partial_run_and_leftovers(tmp_path):
+    cfg = make_corpus(tmp_path)
+    extract(cfg, out=tmp_path / "full", backbone=FakeBackbone(), log=quiet)
+    root = tmp_path / "part"
+    extract(cfg, out=root, backbone=FakeBackbone(), log=quiet)
+    t = FeatureCache(root).table("audio/train")
+    # a killed writer: one shard lost its done mark, another left a temporary file
+    t.done_path(2).unlink()
+    (t.dir / ".00003.zarr.tmp-host-123").mkdir()
+    bb = FakeBackbone()
+    extract(cfg, out=root, backbone=bb, log=quiet)
+    assert bb.audio_calls >= 1 and not (t.dir / ".00003.zarr.tmp-host-123").exists()
+    np.testing.assert_array_equal(FeatureCache(root).table("audio/train").load()[0],
+                                  FeatureCache(tmp_path / "full").table("audio/train").load()[0])
+
+
+def test_verify_finds_corruption(tmp_path):
+    cfg = make_corpus(tmp_path)
+    cfg.cache.format = "hdf5"
+    extract(cfg, backbone=FakeBackbone(), log=quiet)
+    root = tmp_path / "cache/features/demo"
+    shard = FeatureCache(root).table("audio/test").shard_path(0)
+    import h5py
+    with h5py.File(shard, "r+") as f:
+        f["frames"][0, 0] = 123.0
+    bad = verify(root, log=quiet)
+    assert bad == ["audio/test/00000: checksum mismatch"]
+
+
+def test_bad_audio_stops_or_is_skipped(tmp_path):
+    cfg = make_corpus(tmp_path, n_train=5, n_test=3)
+    lines = (tmp_path / "chunks/test.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["audio"] = str(tmp_path / "missing.wav")
+    lines[1] = json.dumps(rec)
+    rec = json.loads(lines[2])
+    rec["audio_duration"] = 45.0
+    lines[2] = json.dumps(rec)
+    (tmp_path / "chunks/test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadInput, match="missing.wav"):
+        extract(cfg, backbone=FakeBackbone(), log=quiet)
+    cfg.cache.name = "skip"
+    stats = extract(cfg, backbone=FakeBackbone(), skip_bad=True, log=quiet)
+    t = FeatureCache(tmp_path / "cache/features/skip").table("audio/test")
+    assert t.ids == ["test0"] and stats["rejected"] == 2
+    reasons = {r["id"]: r["reason"] for r in t.rejected()}
+    assert "audio file missing" in reasons["test1"] and "rejected, the audio encoder takes at most 30s" in reasons["test2"]
+
+
+def test_writer_lock(tmp_path):
+    lock = tmp_path / "w.lock"
+    with WriterLock(lock):
+        with pytest.raises(BadInput, match="another extraction is writing here"):
+            with WriterLock(lock):
+                pass
+    # a lock left by a dead process is taken over
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(p.stdout), "since": "x"}))
+    with WriterLock(lock):
+        assert json.loads(lock.read_text())["pid"] != int(p.stdout)
