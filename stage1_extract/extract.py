@@ -143,7 +143,9 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
     with WriterLock(root / "locks" / f"writer-{index}-of-{n_writers}.lock"):
         cache = FeatureCache.create(
             root, fingerprint=fp, tables=plans, fmt=cfg.cache.format, dtype=cfg.cache.dtype,
-            dims={"audio": 0, "text": 0})
+            dims={"audio": 0, "text": 0},
+            extra={"manifests": {s: str(Path(p).resolve()) for s, p in manifests.items()},
+                   "glossary": str(Path(cfg.data.glossary).resolve())})
         tasks = [(name, k) for name in sorted(plans) for k in range(plans[name].shards)]
         mine = tasks[index::n_writers]
         for name in plans:
