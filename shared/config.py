@@ -41,7 +41,8 @@ class DataConfig:
 class BackboneConfig:
     """Which frozen models stage 1 runs, and where the taps sit."""
     kind: str = "embedded"                     # "embedded" (Whisper tiny.en + MiniLM) | "qwen2audio"
-    audio_model: str = "cache/models/whisper-tiny-en-qwen2audio"
+    audio_model: str = ""                      # "" = cache/models/whisper-tiny-en-qwen2audio (embedded) /
+                                               #      Qwen/Qwen2-Audio-7B-Instruct (qwen2audio); or a local path
     text_model: str = ""                       # "" = the packaged MiniLM (embedded) / same checkpoint (qwen2audio)
     revision: str = ""
     audio_source: str = "tower"                # "tower" | "lm" (LM states over audio tokens, as the seed)
@@ -49,7 +50,7 @@ class BackboneConfig:
     text_unfreeze: int = 0
     text_prompt: str = "{text}"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = ""                            # "" = bfloat16 on GPU, float32 on CPU
 
 
 @dataclass

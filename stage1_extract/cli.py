@@ -15,13 +15,15 @@ def cli():
     demo-corpus  synthesise the offline demo corpus in the users' input formats
     extract      run the frozen backbone once over chunks and glossary, cache hidden states
     verify       check every shard of a feature cache against its checksum
+    convert-models  convert the packaged Whisper tiny.en into the Qwen2-Audio encoder class (once)
     """
 
 
 def _register():
     # Commands live beside the code they drive; import lazily-registered modules here.
     import importlib
-    for module, attr in [("stage1_extract.prepare", "prepare_command"),
+    for module, attr in [("stage1_extract.convert_whisper", "convert_models_command"),
+                         ("stage1_extract.prepare", "prepare_command"),
                          ("stage1_extract.demo_corpus", "demo_corpus_command"),
                          ("stage1_extract.extract", "extract_command"),
                          ("stage1_extract.extract", "verify_command")]:

