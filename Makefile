@@ -42,7 +42,7 @@ extract: data models
 	$(PY) -m stage1_extract extract --config $(CONFIG) $(SETS)
 
 train: extract
-	$(PY) -m stage2_train --config $(CONFIG) --run cache/runs/$(RUN) $(SETS)
+	$(PY) -m stage2_train --config $(CONFIG) --run cache/runs/$(RUN) --resume $(SETS)
 
 eval: train
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN)

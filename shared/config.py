@@ -77,7 +77,7 @@ class TrainConfig:
     lr: float = 1e-3
     top_lr: float = 1e-4                       # learning rate of the unfrozen top layers
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     grad_clip: float = 1.0
     proj_dim: int = 512
     pooling: str = "mean"                      # "mean" | "attentive"

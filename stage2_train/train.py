@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
-from shared.config import Config, save_config
+from shared.config import Config, diff_configs, save_config
 from shared.errors import BadInput
 from shared.heads import RetrievalModel, build_model, embed, model_spec, pad_batch
 from stage2_train.data import SplitData, global_batches
@@ -122,7 +122,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        diff = fingerprint_diff(ckpt["cache_fingerprint"], self.cache.fingerprint)
+        diff = fingerprint_diff(self.cache.fingerprint, ckpt["cache_fingerprint"])  # cache has X, the run Y
         if diff:
             raise BadInput("this run was started on a different feature cache: " + "; ".join(diff), file=path,
                            fix="resume with the cache it started on, or start a new run")
@@ -214,6 +214,12 @@ class Trainer:
         last, best = self.run / "last.pt", self.run / "best.pt"
         metrics_path = self.run / "metrics.jsonl"
         if resume and last.is_file():
+            saved = json.loads((self.run / "config.json").read_text())
+            diff = diff_configs(saved, json.loads(json.dumps(self.cfg.to_dict())))
+            if diff:
+                raise BadInput("the run was started with another config: " + "; ".join(
+                    f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=self.run,
+                    fix="resume with the same settings, or give the new settings their own --run (make train RUN=name)")
             self.load(last)
             self.log(f"resumed from {last} at step {self.state['step']} (epoch {self.state['epoch']})")
             _truncate_metrics(metrics_path, self.state["step"])
