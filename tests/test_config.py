@@ -51,3 +51,11 @@ def test_roundtrip_and_diff():
     assert b == a
     d = diff_configs(load_config().to_dict(), a.to_dict())
     assert d == {"loss.w_term": (0.7, 0.9)}
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml"))
+    assert len(configs) >= 2
+    for p in configs:
+        load_config(p)
