@@ -19,17 +19,20 @@ _SHORT_TOLERANCE = 0.02
 _SILENCE_PEAK = 1e-4
 
 
-def audio_info(path: str | Path) -> tuple[int, int]:
-    """(sample rate, frames) of a file, with a clear error if it cannot be read."""
+def audio_info(path: str | Path, record: str | None = None) -> tuple[int, int]:
+    """(sample rate, frames) of a file, with a clear error (naming `record`, the chunk or segment
+    that points at the file) if it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise BadInput("audio file missing", file=path, fix="fix the path or drop the record with --skip-bad")
+        raise BadInput("audio file missing", file=path, record=record,
+                       fix="fix the path or drop the record with --skip-bad")
     if path.stat().st_size == 0:
-        raise BadInput("audio file is empty (0 bytes)", file=path, fix="re-export the audio or drop the record")
+        raise BadInput("audio file is empty (0 bytes)", file=path, record=record,
+                       fix="re-export the audio or drop the record with --skip-bad")
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise BadInput(f"unreadable audio ({e}); 16 kHz WAV expected", file=path,
+        raise BadInput(f"unreadable audio ({e}); 16 kHz WAV expected", file=path, record=record,
                        fix="convert it to WAV/FLAC (e.g. ffmpeg -i in -ar 16000 -ac 1 out.wav)") from None
     return info.samplerate, info.frames
 
@@ -40,7 +43,7 @@ def read_audio(path: str | Path, offset: float = 0.0, duration: float | None = N
 
     Files at other rates (8 kHz, 44.1 kHz stereo...) are mixed down and resampled, not rejected.
     """
-    sr, frames = audio_info(path)
+    sr, frames = audio_info(path, record)
     start = int(round(offset * sr))
     if start >= frames or start < 0:
         raise BadInput(f"offset {offset:.3f}s is outside the audio ({frames / sr:.3f}s long)", file=path,

@@ -149,7 +149,8 @@ class Table:
         return self.dir / f"{k:05d}.done.json"
 
     def is_done(self, k: int) -> bool:
-        return self.done_path(k).is_file()
+        # a done mark whose shard vanished (deleted, lost on disk) is not done: extract redoes it
+        return self.done_path(k).is_file() and self.shard_path(k).exists()
 
     def write_shard(self, k: int, ids: list[str], items: list[np.ndarray], rejected: list[dict] = ()) -> dict:
         """Commit shard k: write to a temporary name, rename, then mark done (in that order)."""
@@ -402,6 +403,19 @@ class WriterLock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+
+
+def live_locks(folder: str | Path) -> dict[Path, dict]:
+    """The lock files in `folder` whose owner is alive (or on another host): {path: owner}."""
+    out = {}
+    for p in sorted(Path(folder).glob("*.lock")):
+        try:
+            owner = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not _is_stale(owner):
+            out[p] = owner
+    return out
 
 
 def _is_stale(owner: dict) -> bool:

@@ -26,7 +26,8 @@ def config_options(f):
 def run_cli(group: click.BaseCommand) -> None:
     """Entry point: BadInput -> one clear message on stderr and exit code 2, no traceback."""
     try:
-        group.main(standalone_mode=False)
+        # without standalone mode click *returns* the code of `raise Exit(n)` (e.g. verify's 1)
+        code = group.main(standalone_mode=False)
     except BadInput as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -38,6 +39,8 @@ def run_cli(group: click.BaseCommand) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 def figures(**values) -> str:

@@ -88,9 +88,11 @@ def model_spec(features_dir, in_dims, proj_dim, pooling) -> dict:
     return {"features": str(features_dir), "in_dims": in_dims, "proj_dim": proj_dim, "pooling": pooling}
 
 
-def load_model(checkpoint: str | Path, features_dir: str | Path | None = None, device="cpu") -> tuple[RetrievalModel, dict]:
-    """Rebuild a trained model from its checkpoint (and the exported tops beside its features)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+def load_model(checkpoint: str | Path | dict, features_dir: str | Path | None = None, device="cpu") -> tuple[RetrievalModel, dict]:
+    """Rebuild a trained model from its checkpoint (a path, or the loaded dict) and the exported tops
+    beside its features."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                       weights_only=False)
     spec = ckpt["spec"]
     model = build_model(features_dir or spec["features"], spec["in_dims"], spec["proj_dim"], spec["pooling"])
     model.load_state_dict(ckpt["model"])

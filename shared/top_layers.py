@@ -143,9 +143,15 @@ def save_top(path_prefix: str | Path, kind: str, n_layers: int, config: dict | N
     if kind not in _TOPS:
         raise ValueError(f"unknown top kind {kind!r}; known: {sorted(_TOPS)}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(prefix) + ".safetensors")
+    # each file under a temporary name, then renamed; the .json last: a killed export never leaves a
+    # pair that looks complete (extract re-exports when a .json is missing)
+    weights, tmp = Path(str(prefix) + ".safetensors"), Path(str(prefix) + ".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(weights)
     meta = {"format": FORMAT, "kind": kind, "n_layers": n_layers, **info, "config": config}
-    Path(str(prefix) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = Path(str(prefix) + ".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(Path(str(prefix) + ".json"))
 
 
 def load_top(path_prefix: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.audio import read_audio
-from shared.cache import FeatureCache, TablePlan, WriterLock, file_sha256, fingerprint_diff
+from shared.cache import FeatureCache, TablePlan, WriterLock, file_sha256, fingerprint_diff, live_locks
 from shared.cli import config_options, figures
 from shared.config import Config, save_config
 from shared.errors import BadInput, RejectLog
@@ -131,7 +131,12 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
     fp = cache_fingerprint(cfg, manifests)
     if force and (root / "index.json").is_file():
         old = json.loads((root / "index.json").read_text())
-        if fingerprint_diff(old["fingerprint"], json.loads(json.dumps(fp))):
+        diff = fingerprint_diff(old["fingerprint"], json.loads(json.dumps(fp)))
+        if not diff and "backbone_fingerprint" in old:
+            # same settings, but the model itself may have changed (new weights in the same folder)
+            backbone = backbone or _load_backbone(cfg)
+            diff = fingerprint_diff(old["backbone_fingerprint"], json.loads(json.dumps(backbone.fingerprint(), default=str)))
+        if diff:
             aside = root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             root.rename(aside)
             log(f"--force: moved the old cache aside to {aside}")
@@ -141,6 +146,12 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
     plans["text/chunks"] = TablePlan(len(texts), size * 4)
     index, n_writers = _writer_slot(shard_index, num_shards)
     with WriterLock(root / "locks" / f"writer-{index}-of-{n_writers}.lock"):
+        # writers split the shards by (index, n): one with another n would write some of the same shards
+        for path, owner in live_locks(root / "locks").items():
+            if not path.name.endswith(f"-of-{n_writers}.lock"):
+                raise BadInput(f"another extraction with a different --num-shards is writing here ({path.stem}: "
+                               f"host {owner.get('host')}, pid {owner.get('pid')})", file=root,
+                               fix="wait for it to finish; all writers of one cache must use the same --num-shards")
         cache = FeatureCache.create(
             root, fingerprint=fp, tables=plans, fmt=cfg.cache.format, dtype=cfg.cache.dtype,
             dims={"audio": 0, "text": 0},
@@ -156,18 +167,19 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
             log(f"cache {root} is complete for writer {index}/{n_writers} ({done}/{total} shards done): nothing to do")
             return {"chunks": 0, "shards": 0, "complete": cache.complete()}
         if backbone is None:
-            from stage1_extract.backbones import load_backbone
-            backbone = load_backbone(cfg.backbone)
+            backbone = _load_backbone(cfg)
         _check_backbone(cache, backbone)
         if not (root / "top_audio.json").is_file() or not (root / "top_text.json").is_file():
             backbone.export_top("audio", root)
             backbone.export_top("text", root)
-        if not (root / "glossary.json").is_file():
+        if not (root / "glossary.json").is_file() or not (root / "chunk_texts.json").is_file():
             cache.write_json("glossary.json", {"keys": gloss.keys, "aliases": gloss.aliases,
                                                "texts": gloss.texts(cfg.data.text_field),
                                                "text_field": cfg.data.text_field, "source": gloss.source})
             cache.write_json("chunk_texts.json", texts)
+        n_manifest_rejects = len(rejects)
         stats = _run_tasks(cfg, cache, backbone, todo, chunks, gloss, texts, skip_bad, log)
+        _write_rejects(cache, rejects)
     wall = time.time() - t0
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2 ** 20
     stats.update(wall_seconds=round(wall, 2), cache_mb=round(size_mb, 1), complete=cache.complete())
@@ -176,9 +188,31 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
                 audio_s_per_s=stats["audio_seconds"] / max(stats["model_seconds"], 1e-9),
                 cache_mb=size_mb))
     if rejects.items:
-        log(f"{len(rejects)} manifest records rejected while reading (--skip-bad)")
+        log(f"--skip-bad: {n_manifest_rejects} manifest records and {len(rejects) - n_manifest_rejects} chunks "
+            f"with bad audio skipped, each listed with its reason in {rejects.path}")
     save_config(cfg, root / "config.json")
     return stats
+
+
+def _load_backbone(cfg: Config):
+    from stage1_extract.backbones import load_backbone
+    try:
+        return load_backbone(cfg.backbone)
+    except ValueError as e:  # a backbone setting that cannot work: a config error, not a crash
+        raise BadInput(str(e), file="config [backbone]", fix="fix that backbone.* setting (--config / --set)") from None
+
+
+def _write_rejects(cache: FeatureCache, rejects: RejectLog) -> None:
+    """rejected.jsonl beside the cache: the manifest records skipped on reading, then the chunks whose
+    audio was skipped in every finished shard (the writer that finishes last sees them all)."""
+    for name in sorted(cache.tables):
+        t = cache.table(name)
+        for k in range(t.plan.shards):
+            if t.is_done(k):
+                for r in json.loads(t.done_path(k).read_text(encoding="utf-8")).get("rejected", []):
+                    rejects.add(r["reason"], id=r["id"], table=name)
+    rejects.path = cache.root / "rejected.jsonl"
+    rejects.write()
 
 
 def _check_backbone(cache: FeatureCache, backbone) -> None:
@@ -206,15 +240,20 @@ def _run_tasks(cfg, cache, backbone, todo, chunks, gloss, texts, skip_bad, log) 
     total_s = sum(c.audio_duration or 0.0 for n, k in audio_todo
                   for c in chunks[n.split("/", 1)[1]][slice(*cache.table(n).plan.bounds(k))])
     stats = {"chunks": 0, "texts": 0, "audio_seconds": 0.0, "model_seconds": 0.0, "rejected": 0, "shards": 0}
-    for name, k in [(n, k) for n, k in todo if n.startswith("text/")]:
+    text_todo = [(n, k) for n, k in todo if n.startswith("text/")]
+    tbar = tqdm(total=sum(len(range(*cache.table(n).plan.bounds(k))) for n, k in text_todo),
+                desc="extract text", unit="text", mininterval=1.0, disable=not text_todo)
+    for name, k in text_todo:
         lo, hi = cache.table(name).plan.bounds(k)
         items = text_items[name][lo:hi]
         feats = []
         for b in range(0, len(items), cfg.extract.text_batch):
             feats += backbone.text_features(items[b:b + cfg.extract.text_batch])
+            tbar.update(len(items[b:b + cfg.extract.text_batch]))
         cache.table(name).write_shard(k, [str(i) for i in range(lo, hi)], feats)
         stats["texts"] += len(items)
         stats["shards"] += 1
+    tbar.close()
     bar = tqdm(total=round(total_s), desc="extract audio", unit="audio-s", mininterval=1.0)
     pool = ThreadPoolExecutor(max_workers=2)
     t_start = time.time()

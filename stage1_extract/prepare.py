@@ -196,7 +196,7 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
     for seg in tqdm(segs, desc="prepare", unit="seg", mininterval=1.0):
         try:
             if seg.audio not in info_cache:
-                info_cache[seg.audio] = audio_info(seg.audio)
+                info_cache[seg.audio] = audio_info(seg.audio, record=f"segment {seg.id}")
             sr, frames = info_cache[seg.audio]
             file_len = frames / sr
             if seg.start >= file_len:

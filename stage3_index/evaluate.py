@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from shared.cache import FeatureCache, file_sha256
+from shared.cache import FeatureCache, file_sha256, fingerprint_diff
 from shared.cli import figures
 from shared.errors import BadInput
 from shared.heads import embed, load_model
@@ -44,15 +45,17 @@ def evaluate(run: str | Path, split: str = "test", *, factory: str | None = None
     t_start = time.time()
     run = Path(run)
     ckpt_path = _checkpoint(run)
-    model, ckpt = load_model(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cache = FeatureCache(ckpt["spec"]["features"])
+    diff = fingerprint_diff(cache.fingerprint, ckpt["cache_fingerprint"])  # "cache has X, config (the run) gives Y"
+    if diff:  # checked before the model is rebuilt from that cache's exported top layers
+        raise BadInput("the feature cache changed since this run was trained: " + "; ".join(diff),
+                       file=cache.root, fix="evaluate with the cache the run was trained on")
+    model, ckpt = load_model(ckpt)
     cfg = ckpt["config"]
     factory = factory or cfg["eval"]["index"]
     glossary_sizes = glossary_sizes or cfg["eval"]["glossary_sizes"]
     keep_hits = keep_hits or cfg["eval"]["keep_hits"]
-    cache = FeatureCache(ckpt["spec"]["features"])
-    if cache.fingerprint != ckpt["cache_fingerprint"]:
-        raise BadInput("the feature cache changed since this run was trained", file=cache.root,
-                       fix="evaluate with the cache the run was trained on")
     if f"audio/{split}" not in cache.tables:
         raise BadInput(f"the cache has no split {split!r}", file=cache.root)
     out = run / "eval"
@@ -110,15 +113,19 @@ def evaluate(run: str | Path, split: str = "test", *, factory: str | None = None
     rej["far"] = false_alarm_rate(max_score[~term_chunk], threshold)
     rej["recall_at_threshold"] = recall_at_threshold(hits[:, 0], max_score[chunk], threshold)
 
+    # report.json holds exactly the promised keys; what else a reader wants goes to details.json
     report = {"recall": recall, "recall_seen": recall_seen, "recall_unseen": recall_unseen,
               "by_glossary_size": by_size, "rejection": rej, "queries": int(len(term)),
-              "glossary_size": int(n_gloss), "qps": float(len(audio) / max(search_s, 1e-9)),
-              "index": factory, "index_build_seconds": round(build_seconds, 4), "split": split,
-              "seen_queries": int(seen.sum()), "unseen_queries": int((~seen).sum()),
-              "noterm_chunks": int((~term_chunk).sum()), "checkpoint": ckpt_path.name}
-    _write_json(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report, run.name))
-    plot_report(report, max_score[term_chunk], max_score[~term_chunk], out)
+              "glossary_size": int(n_gloss), "qps": float(len(audio) / max(search_s, 1e-9))}
+    details = {"index": factory, "index_build_seconds": round(build_seconds, 4), "split": split,
+               "seen_queries": int(seen.sum()), "unseen_queries": int((~seen).sum()),
+               "noterm_chunks": int((~term_chunk).sum()), "checkpoint": ckpt_path.name}
+    full = {**report, **details}
+    (out / "report.md").write_text(report_markdown(full, run.name))
+    plot_report(full, max_score[term_chunk], max_score[~term_chunk], out)
+    _write_json(out / "details.json", details)
+    _write_json(out / "report.json", report)  # last: a report.json (what compare reads) means all is written
+    report = full
     log(figures(queries=report["queries"], glossary=n_gloss, r1=recall["1"], r5=recall["5"], r10=recall["10"],
                 auroc=rej["auroc"], far=rej["far"], qps=report["qps"], seconds=time.time() - t_start))
     return report

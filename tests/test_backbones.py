@@ -269,7 +269,7 @@ def test_fingerprint(tiny_qwen2audio, tiny_bpe_tokenizer):
 
 @pytest.mark.parametrize("name, advice", [("/no/such/folder", "does not exist"),
                                           ("nobody/no-such-model", "HF_HUB_OFFLINE=1 .* local copy"),
-                                          ("cache/x/whisper-tiny-en-qwen2audio", "convert_whisper")])
+                                          ("cache/x/whisper-tiny-en-qwen2audio", "convert-models")])
 def test_missing_model_says_what_to_do(name, advice):
     with pytest.raises(BadInput, match=advice):
         load_backbone({"kind": "qwen2audio", "audio_model": name})

@@ -29,10 +29,9 @@ def test_report_has_the_promised_keys_and_sane_values(runs):
     run, _ = runs
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/report.json").read_text())
-    assert on_disk == json.loads(json.dumps(rep))
-    for key in ("recall", "recall_seen", "recall_unseen", "by_glossary_size", "rejection", "queries",
-                "glossary_size", "qps"):
-        assert key in rep
+    assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "by_glossary_size", "rejection", "queries",
+                            "glossary_size", "qps"}
+    assert json.loads(json.dumps({k: rep[k] for k in on_disk})) == on_disk
     assert set(rep["recall"]) == {"1", "5", "10"}
     assert set(rep["rejection"]) >= {"auroc", "threshold", "far", "recall_at_threshold"}
     assert rep["glossary_size"] == 60 and rep["unseen_queries"] > 0 and rep["seen_queries"] > 0
