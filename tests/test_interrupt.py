@@ -71,7 +71,7 @@ _PRELOAD = ["torch", "faiss", "transformers.models.qwen2_audio.modeling_qwen2_au
             "stage2_train.train", "stage3_index.cli", "stage3_index.evaluate", "matplotlib.pyplot"]
 
 
-def _command_main(module: str, args: list[str], log: str) -> None:
+def _command_main(module: str, args: list[str], log: str, env: dict | None = None) -> None:
     """In the child: output to `log`, one thread, then `python -m module args`."""
     import runpy
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -79,7 +79,7 @@ def _command_main(module: str, args: list[str], log: str) -> None:
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     import faiss
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -87,10 +87,10 @@ def _command_main(module: str, args: list[str], log: str) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def start(module: str, args: list[str], log: Path):
+def start(module: str, args: list[str], log: Path, env: dict | None = None):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    p = ctx.Process(target=_command_main, args=(module, [str(a) for a in args], str(log)), daemon=True)
+    p = ctx.Process(target=_command_main, args=(module, [str(a) for a in args], str(log), env), daemon=True)
     p.start()
     return p
 
@@ -152,24 +152,11 @@ def assert_nothing_looks_finished_that_is_not(root: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2-Audio with its tokenizer and feature extractor, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
-                              WhisperFeatureExtractor)
+    from transformers import WhisperFeatureExtractor
+    from tests.tiny import tiny_bpe_tokenizer, tiny_qwen2audio_model
     out = tmp_path_factory.mktemp("models") / "tiny-qwen2-audio"
-    config = Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                          encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-        audio_token_index=511)
-    torch.manual_seed(0)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(out)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(["say alpha beta gamma delta 0 1 2 3"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
+    tiny_qwen2audio_model(layers=2).save_pretrained(out)
+    tiny_bpe_tokenizer(["say alpha beta gamma delta 0 1 2 3"]).save_pretrained(out)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
     return out
 
@@ -231,6 +218,33 @@ def test_extraction_killed_at_random_points_resumes_to_the_uninterrupted_cache(t
     for name in ("glossary.json", "chunk_texts.json", "top_audio.safetensors", "top_text.safetensors"):
         assert (root / name).read_bytes() == (ref / name).read_bytes(), name
     assert json.loads((root / "top_audio.json").read_text()) == json.loads((ref / "top_audio.json").read_text())
+
+
+def test_two_ranks_write_the_same_cache_as_one(tmp_path, tiny_model_dir):
+    """torchrun-style scale-out: two concurrent processes (RANK 0 and 1 of WORLD_SIZE 2) split the
+    shards between them and together write exactly what one process writes."""
+    base = make_corpus(tmp_path, n_train=24, n_test=8)
+    sets = [f"data.glossary={base.data.glossary}", "data.alt2main=", f"data.chunks={base.data.chunks}",
+            f"cache.root={tmp_path / 'cache'}", "extract.shard_size=4", "extract.batch_seconds=6",
+            "backbone.kind=qwen2audio", f"backbone.audio_model={tiny_model_dir}", "backbone.audio_unfreeze=1"]
+    one = tmp_path / "one"
+    extract(load_config(None, sets), out=one, log=quiet)
+    args = ["extract"] + [a for s in sets for a in ("--set", s)]
+    procs = [start("stage1_extract", args, tmp_path / f"rank{r}.log", env={"RANK": str(r), "WORLD_SIZE": "2"})
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        p.join(300)
+        assert p.exitcode == 0, (tmp_path / f"rank{r}.log").read_text()[-3000:]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert all("chunks=" in log for log in logs)           # both ranks did work
+    a, b = FeatureCache(one), FeatureCache(tmp_path / "cache/features/demo")
+    assert b.complete() and b.verify() == []
+    for name, t in a.tables.items():
+        fa, oa = t.load()
+        fb, ob = b.table(name).load()
+        assert t.ids == b.table(name).ids
+        np.testing.assert_array_equal(oa, ob)
+        np.testing.assert_array_equal(fa, fb)
 
 
 # ---------------------------------------------------------------- training and evaluation
