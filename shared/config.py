@@ -60,6 +60,7 @@ class ExtractConfig:
     shard_size: int = 512                      # chunks per shard: the unit of resume and scale-out
     max_chunk_seconds: float = 30.0            # the tower has 1500 positions: longer chunks are rejected
     limit: int = 0                             # 0 = all; N = first N chunks per split (seed's quick mode)
+    threads: int = 0                           # CPU threads for torch; 0 = torch's default
 
 
 @dataclass
@@ -93,6 +94,8 @@ class TrainConfig:
     in_memory: str = "auto"                    # "auto" | "yes" | "no"
     limit: int = 0
     device: str = "auto"
+    threads: int = 0                           # CPU threads for torch; 0 = torch's default (small heads
+                                               # run fastest on 1: more threads only wait on each other)
 
 
 @dataclass

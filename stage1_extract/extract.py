@@ -166,6 +166,9 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
             done, total = sum(d for d, _ in cache.status().values()), sum(n for _, n in cache.status().values())
             log(f"cache {root} is complete for writer {index}/{n_writers} ({done}/{total} shards done): nothing to do")
             return {"chunks": 0, "shards": 0, "complete": cache.complete()}
+        if cfg.extract.threads:
+            import torch
+            torch.set_num_threads(cfg.extract.threads)
         if backbone is None:
             backbone = _load_backbone(cfg)
         _check_backbone(cache, backbone)

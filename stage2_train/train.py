@@ -68,6 +68,8 @@ class Trainer:
         self.cfg, self.run, self.log = cfg, Path(run), log
         self.rank, self.world = _dist_setup()
         t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
         dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if dev == "cuda" else dev)
         _seed(t.seed)
