@@ -20,22 +20,13 @@ def cli():
 
 
 def _register():
-    # Commands live beside the code they drive; import lazily-registered modules here.
-    import importlib
-    for module, attr in [("stage1_extract.convert_whisper", "convert_models_command"),
-                         ("stage1_extract.prepare", "prepare_command"),
-                         ("stage1_extract.demo_corpus", "demo_corpus_command"),
-                         ("stage1_extract.extract", "extract_command"),
-                         ("stage1_extract.extract", "verify_command")]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue  # not built yet
-            raise
-        cmd = getattr(mod, attr, None)
-        if cmd is not None:
-            cli.add_command(cmd)
+    # Commands live beside the code they drive.
+    from stage1_extract.convert_whisper import convert_models_command
+    from stage1_extract.demo_corpus import demo_corpus_command
+    from stage1_extract.extract import extract_command, verify_command
+    from stage1_extract.prepare import prepare_command
+    for cmd in (convert_models_command, prepare_command, demo_corpus_command, extract_command, verify_command):
+        cli.add_command(cmd)
 
 
 def main():
