@@ -8,6 +8,7 @@ as they are (`read_chunks` accepts both).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +50,8 @@ def parse_audio_field(value: str, base: Path) -> tuple[str, int, int]:
         path, offset, num = value, 0, -1
     p = Path(path)
     if not p.is_absolute():
-        p = base / p
+        # absolute, so manifests written elsewhere (prepare's --out) still point at the audio
+        p = Path(os.path.abspath(base / p))
     return str(p), offset, num
 
 

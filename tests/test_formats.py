@@ -74,6 +74,13 @@ def test_segments_tsv_with_offsets(tmp_path):
                  "s1\taudio/long.wav:16000:32000\t32000\tspk1\thello world\ten\n"
                  "s2\t/abs/x.wav\t100\tspk2\tbye\ten\n")
     s1, s2 = read_segments(p)
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp_path.parent)
+    try:  # a TSV named by a relative path still gives absolute audio paths
+        assert read_segments(tmp_path.name + "/segs.tsv")[0].audio == str(tmp_path / "audio/long.wav")
+    finally:
+        os.chdir(cwd)
     assert s1.audio == str(tmp_path / "audio/long.wav") and s1.offset == 16000 and s1.num_samples == 32000
     assert s1.start == 1.0 and s1.duration == 2.0 and s1.speaker == "spk1"
     assert s2.audio == "/abs/x.wav" and s2.offset == 0 and s2.duration is None
