@@ -304,11 +304,20 @@ class FeatureCache:
         if idx.is_file():
             old = json.loads(idx.read_text(encoding="utf-8"))
             diff = fingerprint_diff(old["fingerprint"], fingerprint)
-            if diff:
+            if diff and not any((root / "tables" / "audio").glob("*/*.done.json")):
+                # no audio shard was finished under the old settings (e.g. a first run that stopped on
+                # bad audio): little to lose (text is cheap) and nothing to mix, so start afresh
+                shutil.rmtree(root / "tables", ignore_errors=True)
+                for name in ("index.json", "glossary.json", "chunk_texts.json"):
+                    (root / name).unlink(missing_ok=True)
+                for p in root.glob("top_*"):
+                    p.unlink()
+            elif diff:
                 raise BadInput("this cache was built with different settings: " + "; ".join(diff),
                                file=root, fix="use another cache.name, or --force to move the old cache "
                                               "aside and start a fresh one (caches are never mixed)")
-            return cls(root)
+            else:
+                return cls(root)
         root.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(idx, {"fingerprint": fingerprint, "format": fmt, "dtype": dtype,
                                  "tables": {n: {"items": p.items, "shard_size": p.shard_size}

@@ -190,3 +190,17 @@ def test_writer_lock(tmp_path):
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(p.stdout), "since": "x"}))
     with WriterLock(lock):
         assert json.loads(lock.read_text())["pid"] != int(p.stdout)
+
+
+def test_a_first_run_that_finished_no_audio_does_not_block_the_fixed_rerun(tmp_path):
+    cfg = make_corpus(tmp_path, n_train=5, n_test=3)
+    path = tmp_path / "chunks/test.jsonl"          # audio/test is the first audio table written
+    good = path.read_text()
+    lines = good.splitlines()
+    rec = json.loads(lines[0])
+    rec["audio"] = str(tmp_path / "missing.wav")
+    path.write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
+    with pytest.raises(BadInput, match="missing.wav"):
+        extract(cfg, backbone=FakeBackbone(), log=quiet)
+    path.write_text(good)                        # the user fixes the manifest: no --force needed
+    assert extract(cfg, backbone=FakeBackbone(), log=quiet)["complete"]
