@@ -67,6 +67,18 @@ def quiet(*_):
     pass
 
 
+def assert_same_cache(a, b) -> None:
+    """Two complete caches hold the same tables, ids, frames and offsets."""
+    ca, cb = FeatureCache(a), FeatureCache(b)
+    assert ca.complete() and cb.complete() and set(ca.tables) == set(cb.tables)
+    for name in ca.tables:
+        fa, oa = ca.table(name).load()
+        fb, ob = cb.table(name).load()
+        np.testing.assert_array_equal(fa, fb)
+        np.testing.assert_array_equal(oa, ob)
+        assert ca.table(name).ids == cb.table(name).ids
+
+
 def test_duration_batches_bucket_similar_lengths():
     d = [3.0, 1.0, 1.1, 2.9, 1.2, 3.1]
     batches = duration_batches(d, batch_seconds=4.0)
@@ -119,14 +131,7 @@ def test_sharded_writers_equal_one_writer(tmp_path):
     first = extract(cfg, out=tmp_path / "two", shard_index=0, num_shards=2, backbone=FakeBackbone(), log=quiet)
     assert not first["complete"]
     extract(cfg, out=tmp_path / "two", shard_index=1, num_shards=2, backbone=FakeBackbone(), log=quiet)
-    a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two")
-    assert a.complete() and b.complete()
-    for name in a.tables:
-        fa, oa = a.table(name).load()
-        fb, ob = b.table(name).load()
-        np.testing.assert_array_equal(fa, fb)
-        np.testing.assert_array_equal(oa, ob)
-        assert a.table(name).ids == b.table(name).ids
+    assert_same_cache(tmp_path / "one", tmp_path / "two")
 
 
 def test_resume_after_partial_run_and_leftovers(tmp_path):

@@ -23,7 +23,7 @@ from stage1_extract.extract import extract, verify
 from stage2_train.train import Trainer, train
 from stage3_index.evaluate import evaluate
 from tests.synthetic import build_cache
-from tests.test_extract import FakeBackbone, make_corpus
+from tests.test_extract import FakeBackbone, assert_same_cache, make_corpus
 from tests.test_interrupt import one_thread  # noqa: F401  (autouse: tiny models train 10x faster on one thread)
 from tests.test_train import cfg_for
 
@@ -38,17 +38,6 @@ def snapshot(root: Path) -> dict:
     """Every file under a cache with its bytes: what 'untouched' means."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
             and "locks" not in p.parts}
-
-
-def assert_same_cache(a: Path, b: Path) -> None:
-    ca, cb = FeatureCache(a), FeatureCache(b)
-    assert ca.complete() and cb.complete() and set(ca.tables) == set(cb.tables)
-    for name in ca.tables:
-        fa, oa = ca.table(name).load()
-        fb, ob = cb.table(name).load()
-        np.testing.assert_array_equal(fa, fb)
-        np.testing.assert_array_equal(oa, ob)
-        assert ca.table(name).ids == cb.table(name).ids
 
 
 class OtherWeights(FakeBackbone):
