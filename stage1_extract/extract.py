@@ -277,6 +277,7 @@ def _run_tasks(cfg, cache, backbone, todo, chunks, gloss, texts, skip_bad, log) 
     futures = [pool.submit(load, t) for t in audio_todo[:2]]
     for i, (name, k) in enumerate(audio_todo):
         loaded = futures[i].result()
+        futures[i] = None  # drop the done shard's audio: memory must not grow with the corpus
         if i + 2 < len(audio_todo):
             futures.append(pool.submit(load, audio_todo[i + 2]))
         good, rejected = [], []
