@@ -433,26 +433,38 @@ def _heads_only_step_seconds(trainer, batches: list, cached_audio, threads: int)
         audio.top, d.audio = top, cached_audio
 
 
-def bench_train(cfg: Config, backbone, setup: TrainSetup, cached_budget: float, log) -> tuple[dict, dict]:
-    """Cached steps over epoch 0 (all of them, or as many as fit in `cached_budget` seconds, at least
-    3), and batch 0 the seed's way: its chunks read and encoded padded, then the same step.
-    Steps run with the config's train.threads (as `make train` does), encoders with ENCODER_THREADS."""
+def cached_epoch(setup: TrainSetup, budget: float, label: str) -> tuple[float, int]:
+    """Time epoch 0's steps on the cache (all, or as many as fit in `budget` seconds, at least 3):
+    (seconds, steps timed). Runs with the config's train.threads, as `make train` does."""
+    from tqdm import tqdm
+    trainer, batches = setup.trainer, setup.batches
+    with torch_threads(setup.step_threads):
+        trainer.step(batches[-1])                                 # warm-up (not counted)
+        done, t0 = 0, time.perf_counter()
+        for b in tqdm(batches, desc=f"train: cached steps ({label})", unit="step", mininterval=2.0):
+            trainer.step(b)
+            done += 1
+            if done >= 3 and time.perf_counter() - t0 > budget:
+                break
+        return time.perf_counter() - t0, done
+
+
+def bench_train(cfg: Config, backbone, setup: TrainSetup, cached_budget: float, log,
+                earlier: tuple[float, int] | None = None) -> tuple[dict, dict]:
+    """The cached epoch (timed now, and averaged with an `earlier` timing taken before the extract
+    part, so the two timings bracket the seed-way encodings in time), and batch 0 the seed's way: its
+    chunks read and encoded padded (reused from the extract part), then the same step.
+    Steps run with the config's train.threads, encoders with ENCODER_THREADS."""
     from tqdm import tqdm
     trainer, batches = setup.trainer, setup.batches
     d = trainer.train_data
     total_items = sum(len(b) for b in batches)
-    with torch_threads(setup.step_threads):
-        trainer.step(batches[-1])                                 # warm-up (not counted)
-        done, t0 = 0, time.perf_counter()
-        for b in tqdm(batches, desc="train: cached steps", unit="step", mininterval=2.0):
-            trainer.step(b)
-            done += 1
-            if done >= 3 and time.perf_counter() - t0 > cached_budget:
-                break
-        cached_measured = time.perf_counter() - t0
-    cached_items = sum(len(b) for b in batches[:done])
-    cached_s = scaled_seconds(cached_measured, cached_items, total_items)
-    step_s = cached_measured / done
+    timings = [t for t in (earlier, cached_epoch(setup, cached_budget, "after")) if t is not None]
+    per_item = [sec / sum(len(b) for b in batches[:n]) for sec, n in timings]
+    cached_s = float(np.mean(per_item)) * total_items
+    done = min(n for _, n in timings)
+    cached_measured = float(np.mean([sec for sec, _ in timings]))
+    step_s = float(np.mean([sec / n for sec, n in timings]))
 
     # batch 0 the seed's way: every chunk read and encoded padded, then the step (the extract part's
     # encodings of these very chunks are reused, with their measured read and encode times)
@@ -487,6 +499,7 @@ def bench_train(cfg: Config, backbone, setup: TrainSetup, cached_budget: float, 
                "step_threads": setup.step_threads, "encoder_threads": ENCODER_THREADS,
                "cached_estimated": done < len(batches), "cached_batches": done,
                "cached_measured_seconds": round(cached_measured, 2),
+               "cached_timings": [{"seconds": round(sec, 3), "steps": n} for sec, n in timings],
                "cached_seconds_label": "cached_seconds" if done == len(batches) else
                f"cached_seconds (estimated from {done} of {len(batches)} batches)",
                "online_estimated": True, "online_batches": 1,
@@ -499,9 +512,10 @@ def bench_train(cfg: Config, backbone, setup: TrainSetup, cached_budget: float, 
                "online_vs_cache_max_abs_diff": round(max(diffs), 4),
                "tap": ("final states" if setup.tap_layer == len(backbone.tower.layers)
                        else f"states entering tower layer {setup.tap_layer}"),
-               "what": "Trainer.step over epoch 0's batches (model setup and loading the cache not timed). The "
-                       "online way = batch 0's chunks read and run through the frozen tower padded to 30 s, then "
-                       "the same step; the online time of the epoch is scaled from that batch by chunk count"}
+               "what": "Trainer.step over epoch 0's batches (model setup and loading the cache not timed), timed "
+                       "before and after the extract part and averaged. The online way = batch 0's chunks read and "
+                       "run through the frozen tower padded to 30 s (timed in the extract part), then the same "
+                       "step; the online time of the epoch is scaled from that batch by chunk count"}
     msg = ""
     if setup.tap_layer < len(backbone.tower.layers):
         # the trainable top dominates a CPU step: what the same comparison gives when only heads train
@@ -862,12 +876,15 @@ def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS,
         backbone = _frozen_backbone(cfg)
         setup = TrainSetup(cfg, features, out, backbone)
         details["seconds"]["setup"] = round(time.perf_counter() - t0, 1)
+        earlier = None
+        if "train" in parts and "extract" in parts:
+            earlier = timed("train_before", cached_epoch, setup, size["cached_budget_s"], "before")
         if "extract" in parts:
             report["extract"], details["extract"] = timed("extract", bench_extract, cfg, backbone, setup,
                                                           size["extract_chunks"], log)
         if "train" in parts:
             report["train"], details["train"] = timed("train", bench_train, cfg, backbone, setup,
-                                                      size["cached_budget_s"], log)
+                                                      size["cached_budget_s"], log, earlier)
         if "mining" in parts:
             report["mining"], details["mining"] = timed("mining", bench_mining, cfg, setup, size["glossary"], log)
         del setup, backbone
