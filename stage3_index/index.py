@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import faiss
@@ -86,9 +85,3 @@ def load_index_if(path: str | Path, meta: dict):
         return faiss.read_index(str(path))
     except (RuntimeError, json.JSONDecodeError):
         return None  # a torn file from a killed run: rebuild it
-
-
-def timed_build(vectors: np.ndarray, factory: str) -> tuple[object, float]:
-    t0 = time.perf_counter()
-    index = build_index(vectors, factory)
-    return index, time.perf_counter() - t0
