@@ -31,10 +31,25 @@ class DataConfig:
     noterm_max: float = 4.0
     max_ngram: int = 5
     split_by: str = "speaker"                  # "speaker" | "ratio" | "none"
+    split_name: str = ""                       # split_by "none": the one split's name (<name>.jsonl),
+                                               # e.g. "heldout"; "" = chunks.jsonl, split "all"
     dev_ratio: float = 0.1
     test_ratio: float = 0.1
     seed: int = 0
     text_field: str = "term"                   # glossary field the text side embeds (seed's text_field)
+    distractors: str = ""                      # eval's glossary-size padding: "builtin" (place and person
+                                               # names, shared/distractors.py), a file of terms, or "" (none)
+    n_distractors: int = 10000                 # how many distractors stage 1 embeds (table text/distractors)
+    # pseudo-terms (stage1_extract/pseudo.py): non-glossary words/n-grams of TRAIN transcripts as extra
+    # targets, each with a chunk cut like a term chunk; no word of any glossary form ever becomes one
+    pseudo_ratio: float = 0.0                  # pseudo chunks per term chunk in train; 0 = off
+    pseudo_max_ngram: int = 2                  # unigrams .. n-grams
+    pseudo_min_letters: int = 4                # letters a pseudo-term has at least
+    pseudo_length_power: float = 1.0           # sampling weight = letters ** power (0 = uniform)
+    pseudo_max_per_term: int = 5               # chunks per pseudo-term at most (0 = no cap)
+    pseudo_term_free: bool = True              # drop pseudo chunks that overlap a glossary term's words
+    pseudo_exclude: str = ""                   # extra term lists (comma-separated files, any glossary
+                                               # format) whose words never become pseudo-terms
 
 
 @dataclass
@@ -51,6 +66,19 @@ class BackboneConfig:
     text_prompt: str = "{text}"
     device: str = "cpu"
     dtype: str = ""                            # "" = bfloat16 on GPU, float32 on CPU
+
+
+@dataclass
+class TextConfig:
+    """What the text side is made of (see shared/heads.TextSide): "lm" (the frozen LM's states: what a
+    term means), "chars" (its spelling), "phones" (its pronunciation from the G2P). Form parts find
+    terms never seen in training; the LM part alone cannot (README, ablation)."""
+    encoders: list[str] = field(default_factory=lambda: ["chars", "phones"])
+    g2p: str = "espeak"                        # "espeak" (GPL-3.0 eSpeak NG) | "none" (no phones)
+    buckets: int = 65536                       # hashed n-gram table size
+    bag_dim: int = 256
+    ngram_max: int = 4                         # character / phone n-grams of length 1..ngram_max
+    gram_dropout: float = 0.0                  # training: share of a text's n-gram ids dropped per step
 
 
 @dataclass
@@ -82,12 +110,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     proj_dim: int = 512
     pooling: str = "mean"                      # "mean" | "attentive"
+    pool_heads: int = 1                        # attentive pooling queries (outputs concatenated)
+    head: str = "linear"                       # projection head: "linear" | "mlp"
     temperature: float = 0.07
     learn_temperature: bool = True
     eval_every: int = 0                        # steps; 0 = once per epoch
     patience: int = 3                          # evaluations without dev R@5 gain before stopping
     seed: int = 0
     dedup_terms: bool = True                   # sampler keeps a term at most once per batch
+    pseudo_epochs: int = 0                     # pseudo-term chunks (prepare's data.pseudo_ratio) take part in
+                                               # the first N epochs only (curriculum); 0 = in every epoch
     hard_k: int = 8                            # mined hard negatives per chunk
     hard_refresh: int = 100                    # steps between hard-negative refreshes
     reject_k: int = 16                         # nearest glossary terms the rejection hinge looks at
@@ -123,6 +155,7 @@ class EvalConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -185,9 +218,12 @@ def _apply(cfg: Config, key: str, value, source: str) -> None:
     setattr(section, name, _coerce(value, types_[name], key, source))
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file, then `key=value` overrides (in that order)."""
-    cfg = Config()
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                base: Config | None = None) -> Config:
+    """Defaults (or a copy of `base`, e.g. a run's saved config), then the TOML file, then
+    `key=value` overrides (in that order)."""
+    import copy
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path:
         path = Path(path)
         if not path.is_file():

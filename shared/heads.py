@@ -19,18 +19,22 @@ from shared.top_layers import load_top
 
 
 class AttentivePool(nn.Module):
-    """One learned query attends over the frames (masked softmax)."""
+    """`heads` learned queries attend over the frames (masked softmax); their outputs are
+    concatenated (heads x dim), so several queries can look at different parts of a chunk."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, heads: int = 1):
         super().__init__()
-        self.query = nn.Parameter(torch.zeros(dim))
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(dim) if heads == 1 else torch.randn(heads, dim) * 0.02)
         self.key = nn.Linear(dim, dim)
 
     def forward(self, x, mask):
-        scores = self.key(x) @ self.query / math.sqrt(x.shape[-1])
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        w = torch.softmax(scores, dim=1) * mask
-        return (w.unsqueeze(-1) * x).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-9)
+        q = self.query if self.heads > 1 else self.query[None]
+        scores = self.key(x) @ q.T / math.sqrt(x.shape[-1])                      # (B, T, H)
+        scores = scores.masked_fill(~mask[..., None], torch.finfo(scores.dtype).min)
+        w = torch.softmax(scores, dim=1) * mask[..., None]
+        pooled = torch.einsum("bth,btd->bhd", w, x) / w.sum(1)[..., None].clamp_min(1e-9)
+        return pooled.reshape(len(x), -1)
 
 
 def masked_mean(x, mask):
@@ -38,15 +42,27 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class Tower(nn.Module):
-    """top layers (possibly identity) -> pooling -> linear projection -> L2 norm."""
+def make_head(in_dim: int, proj_dim: int, kind: str = "linear") -> nn.Module:
+    """The projection into the shared space: one linear map, or a two-layer MLP."""
+    if kind == "linear":
+        return nn.Linear(in_dim, proj_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, 2 * proj_dim), nn.GELU(), nn.Linear(2 * proj_dim, proj_dim))
+    raise ValueError(f"unknown head {kind!r}; use linear or mlp")
 
-    def __init__(self, top: nn.Module, in_dim: int, proj_dim: int, pooling: str = "mean"):
+
+class Tower(nn.Module):
+    """top layers (possibly identity) -> pooling -> projection head -> L2 norm."""
+
+    def __init__(self, top: nn.Module, in_dim: int, proj_dim: int, pooling: str = "mean",
+                 pool_heads: int = 1, head: str = "linear"):
         super().__init__()
         self.top = top
         self.pooling = pooling
-        self.pool = AttentivePool(in_dim) if pooling == "attentive" else None
-        self.proj = nn.Linear(in_dim, proj_dim)
+        self.pool = AttentivePool(in_dim, pool_heads) if pooling == "attentive" else None
+        self.out_dim = in_dim * (pool_heads if pooling == "attentive" else 1)
+        self.proj = make_head(self.out_dim, proj_dim, head)
+        self.proj_dim = proj_dim
 
     def train(self, mode: bool = True):
         # Top layers stay deterministic (no dropout): runs are reproducible and resumable, and a
@@ -63,8 +79,56 @@ class Tower(nn.Module):
         return F.normalize(self.proj(self.pooled(x, mask)), dim=-1)
 
 
+FORM_PARTS = ("chars", "phones")
+TEXT_PARTS = ("lm",) + FORM_PARTS
+
+
+class TextSide(nn.Module):
+    """The term / chunk-text encoder, made of parts chosen in the config (`text.encoders`):
+
+    - `lm`: the frozen LM's cached states through the exported top, pooled (what a term *means*);
+    - `chars` / `phones`: hashed character n-grams of the spelling / of the IPA pronunciation, in
+      one shared EmbeddingBag (what a term *looks and sounds like*). One bag over both kinds of
+      n-gram measured better than two bags (../shared/NOTES.md), and a term never seen in training
+      still gets a vector from the n-grams it shares with seen ones: that is what lets it be found.
+
+    The parts' vectors are concatenated and projected by one head, then L2-normalised.
+    """
+
+    def __init__(self, encoders, lm: Tower | None, proj_dim: int, buckets: int = 1 << 16,
+                 bag_dim: int = 256, head: str = "linear", ngram=(1, 4)):
+        super().__init__()
+        self.encoders = list(encoders)
+        self.buckets, self.ngram = buckets, tuple(ngram)    # how forms become n-gram ids
+        unknown = [e for e in self.encoders if e not in TEXT_PARTS]
+        if unknown or not self.encoders:
+            raise ValueError(f"text.encoders {self.encoders}: choose from {', '.join(TEXT_PARTS)}")
+        self.lm = lm if "lm" in self.encoders else None
+        self.uses_forms = any(e in FORM_PARTS for e in self.encoders)
+        self.bag = nn.EmbeddingBag(buckets, bag_dim, mode="mean") if self.uses_forms else None
+        if self.bag is not None:
+            nn.init.normal_(self.bag.weight, std=0.1)
+        in_dim = (lm.out_dim if self.lm is not None else 0) + (bag_dim if self.bag is not None else 0)
+        self.head = make_head(in_dim, proj_dim, head)
+        self.proj_dim = proj_dim
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lm is not None:
+            self.lm.top.eval()
+        return self
+
+    def forward(self, lm_x=None, lm_mask=None, gram_ids=None, gram_offsets=None):
+        parts = []
+        if self.lm is not None:
+            parts.append(self.lm.pooled(lm_x, lm_mask))
+        if self.bag is not None:
+            parts.append(self.bag(gram_ids, gram_offsets))
+        return F.normalize(self.head(torch.cat(parts, dim=-1)), dim=-1)
+
+
 class RetrievalModel(nn.Module):
-    def __init__(self, audio: Tower, text: Tower, temperature: float = 0.07, learn_temperature: bool = True):
+    def __init__(self, audio: Tower, text: TextSide, temperature: float = 0.07, learn_temperature: bool = True):
         super().__init__()
         self.audio, self.text = audio, text
         # stored as log(1/T) so it stays positive; clamped at 100 as in CLIP
@@ -74,18 +138,27 @@ class RetrievalModel(nn.Module):
         return self.log_scale.exp().clamp(max=100.0)
 
 
-
 def build_model(features_dir: str | Path, in_dims: dict, proj_dim: int = 512, pooling: str = "mean",
-                temperature: float = 0.07, learn_temperature: bool = True) -> RetrievalModel:
+                temperature: float = 0.07, learn_temperature: bool = True, *, text_encoders=("lm",),
+                pool_heads: int = 1, head: str = "linear", buckets: int = 1 << 16, bag_dim: int = 256,
+                ngram=(1, 4), **_ignored) -> RetrievalModel:
     """Fresh model whose top layers start from the weights exported beside the features."""
     features_dir = Path(features_dir)
-    audio = Tower(load_top(features_dir / "top_audio"), in_dims["audio"], proj_dim, pooling)
-    text = Tower(load_top(features_dir / "top_text"), in_dims["text"], proj_dim, pooling)
+    audio = Tower(load_top(features_dir / "top_audio"), in_dims["audio"], proj_dim, pooling, pool_heads, head)
+    lm = None
+    if "lm" in text_encoders:
+        # the LM part is pooled here and projected by the text side's one head
+        lm = Tower(load_top(features_dir / "top_text"), in_dims["text"], proj_dim, pooling, pool_heads)
+        lm.proj = nn.Identity()
+    text = TextSide(text_encoders, lm, proj_dim, buckets, bag_dim, head, ngram)
     return RetrievalModel(audio, text, temperature, learn_temperature)
 
 
-def model_spec(features_dir, in_dims, proj_dim, pooling) -> dict:
-    return {"features": str(features_dir), "in_dims": in_dims, "proj_dim": proj_dim, "pooling": pooling}
+def model_spec(features_dir, in_dims, proj_dim, pooling, **options) -> dict:
+    """What `build_model` needs to rebuild a checkpoint's modules (options: text_encoders, pool_heads,
+    head, buckets, bag_dim, ngram)."""
+    return {"features": str(features_dir), "in_dims": in_dims, "proj_dim": proj_dim, "pooling": pooling,
+            **options}
 
 
 def load_model(checkpoint: str | Path | dict, features_dir: str | Path | None = None, device="cpu") -> tuple[RetrievalModel, dict]:
@@ -93,8 +166,9 @@ def load_model(checkpoint: str | Path | dict, features_dir: str | Path | None = 
     beside its features."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
                                                                        weights_only=False)
-    spec = ckpt["spec"]
-    model = build_model(features_dir or spec["features"], spec["in_dims"], spec["proj_dim"], spec["pooling"])
+    spec = dict(ckpt["spec"])
+    model = build_model(features_dir or spec.pop("features"), spec.pop("in_dims"), spec.pop("proj_dim"),
+                        spec.pop("pooling"), **{k: v for k, v in spec.items() if k != "features"})
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -115,7 +189,7 @@ def pad_batch(items: list[np.ndarray], device="cpu") -> tuple[torch.Tensor, torc
 def embed(tower: Tower, items: list[np.ndarray], batch_size: int = 256, device="cpu") -> np.ndarray:
     """Embeddings (N, P) float32 of ragged items, in order; batches sorted by length to pad little."""
     order = np.argsort([len(x) for x in items], kind="stable")
-    out = np.zeros((len(items), tower.proj.out_features), dtype=np.float32)
+    out = np.zeros((len(items), tower.proj_dim), dtype=np.float32)
     was = tower.training
     tower.eval()
     for b in range(0, len(order), batch_size):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shared.errors import BadInput, RejectLog
-from shared.glossary import Glossary
+from shared.glossary import Glossary, normalize
 
 SAMPLE_RATE = 16000
 
@@ -95,7 +95,10 @@ def read_segments(path: str | Path) -> list[Segment]:
 
 @dataclass
 class Chunk:
-    """One term chunk (or no-term chunk): the unit stage 1 encodes and stage 2 trains on."""
+    """One term chunk (or no-term chunk, or pseudo-term chunk): the unit stage 1 encodes and stage 2
+    trains on. A pseudo-term chunk (stage1_extract/pseudo.py) is cut like a term chunk around a
+    word or n-gram that is no glossary term; its target is `pseudo_terms` (normalised written
+    forms), its glossary terms are empty, and it is not a no-term chunk."""
     id: str
     audio: str
     audio_offset: float                       # seconds into the audio file
@@ -111,6 +114,7 @@ class Chunk:
     speaker: str = ""
     split: str = ""
     extra: dict = field(default_factory=dict)
+    pseudo_terms: list[str] = field(default_factory=list)
 
     @property
     def terms(self) -> list[str]:
@@ -119,6 +123,10 @@ class Chunk:
     def to_json(self) -> str:
         d = asdict(self)
         extra = d.pop("extra")
+        # written only when there are some, so manifests without pseudo-terms stay as they were
+        pseudo = d.pop("pseudo_terms")
+        if pseudo:
+            d["pseudo_terms"] = pseudo
         d.update(extra)
         return json.dumps(d, ensure_ascii=False)
 
@@ -147,6 +155,10 @@ def _chunk_from_dict(d: dict, base: Path, index: int) -> Chunk:
     if isinstance(terms, str):
         terms = [terms]
     no_term = bool(d.get("is_no_term_chunk", False))
+    pseudo = d.get("pseudo_terms") or []
+    if not isinstance(pseudo, list) or not all(isinstance(p, str) and normalize(p) for p in pseudo):
+        raise ValueError(f"pseudo_terms must be a list of non-empty strings, not {pseudo!r}")
+    pseudo = list(dict.fromkeys(normalize(p) for p in pseudo))
     seg = str(d.get("segment_id", ""))
     cid = d.get("id") or d.get("utter_id") or (
         Path(d["term_chunk_audio"]).stem if d.get("term_chunk_audio") else f"{seg}_{index}")
@@ -159,7 +171,7 @@ def _chunk_from_dict(d: dict, base: Path, index: int) -> Chunk:
         term_start_time=d.get("term_start_time"), term_end_time=d.get("term_end_time"),
         extended_start_time=d.get("extended_start_time"), extended_end_time=d.get("extended_end_time"),
         speaker=str(d.get("speaker", "")), split=str(d.get("split", "")),
-        extra={k: v for k, v in d.items() if k not in known},
+        extra={k: v for k, v in d.items() if k not in known}, pseudo_terms=pseudo,
     )
 
 
@@ -218,13 +230,25 @@ def read_chunks(path: str | Path, glossary: Glossary | None = None, *, skip_bad:
                                fix="add the field or drop the record with --skip-bad") from None
             except (TypeError, ValueError) as e:
                 raise BadInput(f"bad field value: {e}", file=path, record=lineno) from None
-            if not c.is_no_term_chunk and not c.terms:
+            if not c.is_no_term_chunk and not c.terms and not c.pseudo_terms:
                 raise BadInput(f"chunk {c.id!r} has no terms and is not marked is_no_term_chunk",
                                file=path, record=lineno,
                                fix="list its terms or set is_no_term_chunk: true")
             if c.is_no_term_chunk and c.terms:
                 raise BadInput(f"chunk {c.id!r} is marked is_no_term_chunk but lists terms {c.terms}",
                                file=path, record=lineno)
+            if c.pseudo_terms and (c.terms or c.is_no_term_chunk):
+                raise BadInput(f"chunk {c.id!r} lists pseudo_terms {c.pseudo_terms} and is also "
+                               + ("a no-term chunk" if c.is_no_term_chunk else f"a term chunk of {c.terms}"),
+                               file=path, record=lineno,
+                               fix="a pseudo-term chunk has no glossary terms and is_no_term_chunk false")
+            if glossary is not None:
+                for p in c.pseudo_terms:
+                    if glossary.canonical(p) is not None:
+                        raise BadInput(f"chunk {c.id!r}: pseudo-term {p!r} is a glossary term "
+                                       f"({glossary.source})", file=path, record=lineno,
+                                       fix="list it in term_chunk_audio_ground_truth_terms instead, or "
+                                           "re-run prepare with this glossary")
             if glossary is not None and c.terms:
                 canon = []
                 for t in c.terms:

@@ -35,14 +35,17 @@ def features_dir(cfg: Config) -> Path:
 
 
 def find_manifests(chunks_dir: str | Path) -> dict[str, Path]:
-    """{split: manifest} from a prepare output folder (train/dev/test.jsonl or chunks.jsonl)."""
+    """{split: manifest} from a prepare output folder: train/dev/test.jsonl when there are any,
+    else every other `<name>.jsonl` (a one-split corpus, e.g. heldout.jsonl; chunks.jsonl is
+    split "all"). prepare's rejected.jsonl is never a manifest."""
     d = Path(chunks_dir)
     found = {s: d / f"{s}.jsonl" for s in SPLITS if (d / f"{s}.jsonl").is_file()}
-    if not found and (d / "chunks.jsonl").is_file():
-        found = {"all": d / "chunks.jsonl"}
+    if not found and d.is_dir():
+        found = {("all" if p.stem == "chunks" else p.stem): p for p in sorted(d.glob("*.jsonl"))
+                 if p.is_file() and p.stem != "rejected" and not p.name.startswith(".")}
     if not found:
-        raise BadInput("no chunk manifests (train/dev/test.jsonl or chunks.jsonl)", file=d,
-                       fix="run `python -m stage1_extract prepare` first (make data)")
+        raise BadInput("no chunk manifests (train/dev/test.jsonl, <split>.jsonl or chunks.jsonl)",
+                       file=d, fix="run `python -m stage1_extract prepare` first (make data)")
     return found
 
 
@@ -144,6 +147,10 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
     plans = {f"audio/{s}": TablePlan(len(c), size) for s, c in chunks.items()}
     plans["text/glossary"] = TablePlan(len(gloss), size * 4)
     plans["text/chunks"] = TablePlan(len(texts), size * 4)
+    # pseudo-term targets (prepare's data.pseudo_ratio) are embedded like glossary terms
+    pseudo = sorted({p for items in chunks.values() for c in items for p in c.pseudo_terms})
+    if pseudo:
+        plans["text/pseudo"] = TablePlan(len(pseudo), size * 4)
     index, n_writers = _writer_slot(shard_index, num_shards)
     with WriterLock(root / "locks" / f"writer-{index}-of-{n_writers}.lock"):
         # writers split the shards by (index, n): one with another n would write some of the same shards
@@ -157,6 +164,12 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
             dims={"audio": 0, "text": 0},
             extra={"manifests": {s: str(Path(p).resolve()) for s, p in manifests.items()},
                    "glossary": str(Path(cfg.data.glossary).resolve())})
+        # eval's glossary-size distractors: a table with a fingerprint of its own (never the audio's)
+        from shared.distractors import TABLE, ensure_table
+        cache = ensure_table(cache, cfg.data.distractors, cfg.data.n_distractors,
+                             list(gloss.keys) + list(gloss.aliases), size * 4, log)
+        if TABLE in cache.tables:
+            plans[TABLE] = cache.table(TABLE).plan
         tasks = [(name, k) for name in sorted(plans) for k in range(plans[name].shards)]
         mine = tasks[index::n_writers]
         for name in plans:
@@ -165,6 +178,7 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
         if not todo:
             done, total = sum(d for d, _ in cache.status().values()), sum(n for _, n in cache.status().values())
             log(f"cache {root} is complete for writer {index}/{n_writers} ({done}/{total} shards done): nothing to do")
+            _write_forms(cache, cfg, log)
             return {"chunks": 0, "shards": 0, "complete": cache.complete()}
         if cfg.extract.threads:
             import torch
@@ -180,9 +194,12 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
                                                "texts": gloss.texts(cfg.data.text_field),
                                                "text_field": cfg.data.text_field, "source": gloss.source})
             cache.write_json("chunk_texts.json", texts)
+        if pseudo and not (root / "pseudo.json").is_file():
+            cache.write_json("pseudo.json", pseudo)      # text/pseudo's items, in table order
         n_manifest_rejects = len(rejects)
         stats = _run_tasks(cfg, cache, backbone, todo, chunks, gloss, texts, skip_bad, log)
         _write_rejects(cache, rejects)
+        _write_forms(cache, cfg, log)
     wall = time.time() - t0
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2 ** 20
     stats.update(wall_seconds=round(wall, 2), cache_mb=round(size_mb, 1), complete=cache.complete())
@@ -195,6 +212,13 @@ def extract(cfg: Config, *, out: str | Path | None = None, shard_index: int | No
             f"with bad audio skipped, each listed with its reason in {rejects.path}")
     save_config(cfg, root / "config.json")
     return stats
+
+
+def _write_forms(cache: FeatureCache, cfg: Config, log) -> None:
+    """Spellings and pronunciations of every cached text (the text side's form parts read them)."""
+    if cache.complete():
+        from shared.termside import write_forms
+        write_forms(cache, cfg.text.g2p, log=log)
 
 
 def _load_backbone(cfg: Config):
@@ -239,6 +263,10 @@ def _check_backbone(cache: FeatureCache, backbone) -> None:
 
 def _run_tasks(cfg, cache, backbone, todo, chunks, gloss, texts, skip_bad, log) -> dict:
     text_items = {"text/glossary": gloss.texts(cfg.data.text_field), "text/chunks": texts}
+    if "text/distractors" in cache.tables:
+        text_items["text/distractors"] = cache.read_json("distractors.json")
+    if "text/pseudo" in cache.tables:
+        text_items["text/pseudo"] = cache.read_json("pseudo.json")
     audio_todo = [(n, k) for n, k in todo if n.startswith("audio/")]
     total_s = sum(c.audio_duration or 0.0 for n, k in audio_todo
                   for c in chunks[n.split("/", 1)[1]][slice(*cache.table(n).plan.bounds(k))])

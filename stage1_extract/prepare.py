@@ -3,7 +3,8 @@
 A term chunk is a glossary term's aligned word span widened by `context` seconds each side
 (clipped to the segment), pointing into the segment's audio; its ground-truth terms are every
 glossary term whose whole span lies inside the chunk. No-term chunks are cut from stretches of
-a segment that hold no term, so the model learns to reject.
+a segment that hold no term, so the model learns to reject. Pseudo-term chunks (train only,
+`pseudo_ratio` > 0) are cut like term chunks around non-glossary words (stage1_extract/pseudo.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from shared.config import Config, save_config
 from shared.errors import BadInput, RejectLog
 from shared.glossary import Glossary, load_glossary, normalize
 from shared.manifest import Chunk, Segment, read_segments, write_chunks
+from stage1_extract.pseudo import PseudoSpan, choose, excluded_words, pseudo_spans
 
 SILENCE = {"", "sil", "sp", "spn", "<eps>", "<unk>"}
 # Words may end a hair after the audio (rounding in aligners); beyond this they are an error.
@@ -111,22 +113,53 @@ def _words_inside(words: list[Word], start: float, end: float) -> list[Word]:
     return [w for w in words if start <= (w.start + w.end) / 2 <= end]
 
 
+def span_chunk(seg: Segment, words: list[Word], first: int, last: int, duration: float, context: float,
+               cid: str, terms: list[str], pseudo_terms: list[str] = ()) -> Chunk:
+    """The chunk of words[first..last] widened by `context` seconds each side, clipped to the segment:
+    how every term chunk and pseudo-term chunk is cut."""
+    t0, t1 = words[first].start, words[last].end
+    s, e = max(0.0, t0 - context), min(duration, t1 + context)
+    return Chunk(
+        id=cid, audio=seg.audio, audio_offset=round(seg.start + s, 4), audio_duration=round(e - s, 4),
+        term_chunk_text=" ".join(w.text for w in _words_inside(words, s, e)),
+        term_chunk_audio_ground_truth_terms=list(terms), is_no_term_chunk=False, segment_id=seg.id,
+        term_start_time=round(t0, 4), term_end_time=round(t1, 4),
+        extended_start_time=round(s, 4), extended_end_time=round(e, 4), speaker=seg.speaker,
+        pseudo_terms=list(pseudo_terms))
+
+
 def segment_chunks(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float,
                    context: float) -> list[Chunk]:
     """One term chunk per term occurrence."""
     out = []
     for k, span in enumerate(spans):
-        t0, t1 = span.start(words), span.end(words)
-        s, e = max(0.0, t0 - context), min(duration, t1 + context)
+        c = span_chunk(seg, words, span.first, span.last, duration, context, f"{seg.id}_t{k}", [])
+        s, e = c.extended_start_time, c.extended_end_time
         inside = [sp.key for sp in spans if sp.start(words) >= s - 1e-6 and sp.end(words) <= e + 1e-6]
-        terms = list(dict.fromkeys([span.key] + inside))
-        out.append(Chunk(
-            id=f"{seg.id}_t{k}", audio=seg.audio, audio_offset=round(seg.start + s, 4),
-            audio_duration=round(e - s, 4),
-            term_chunk_text=" ".join(w.text for w in _words_inside(words, s, e)),
-            term_chunk_audio_ground_truth_terms=terms, is_no_term_chunk=False, segment_id=seg.id,
-            term_start_time=round(t0, 4), term_end_time=round(t1, 4),
-            extended_start_time=round(s, 4), extended_end_time=round(e, 4), speaker=seg.speaker))
+        c.term_chunk_audio_ground_truth_terms = list(dict.fromkeys([span.key] + inside))
+        out.append(c)
+    return out
+
+
+def pseudo_chunks(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float, context: float,
+                  excluded: frozenset[str], seed: int, max_ngram: int = 2, min_letters: int = 4,
+                  length_power: float = 1.0, term_free: bool = True) -> list[tuple[PseudoSpan, Chunk]]:
+    """Every pseudo-term candidate of a segment with its chunk (id `<segment>_p<k>`, k = the
+    candidate's place in word order), each span carrying its sampling priority. Seeded per segment,
+    so adding segments never changes the draws of the others.
+
+    With `term_free`, a candidate whose chunk overlaps any glossary term's words is dropped: that
+    term would be audible in a chunk that does not list it, a false negative for the trainer."""
+    rng = random.Random(f"{seed}:pseudo:{seg.id}")
+    cands = pseudo_spans(words, spans, excluded, rng, max_ngram, min_letters, length_power)
+    cands.sort(key=lambda p: (p.first, p.last))
+    out = []
+    for k, p in enumerate(cands):
+        c = span_chunk(seg, words, p.first, p.last, duration, context, f"{seg.id}_p{k}", [], [p.text])
+        if term_free and any(sp.start(words) < c.extended_end_time and sp.end(words) > c.extended_start_time
+                             for sp in spans):
+            continue
+        out.append((p, c))
     return out
 
 
@@ -173,8 +206,17 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
             noterm_ratio: float = 0.1, noterm_min: float = 2.5, noterm_max: float = 4.0,
             max_ngram: int = 5, split_by: str = "none", dev_speakers=(), test_speakers=(),
             dev_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0, skip_bad: bool = False,
-            limit: int = 0, log=print) -> dict:
-    """Write `{train,dev,test}.jsonl` (or `chunks.jsonl` without a split) into `out`; return a summary."""
+            limit: int = 0, split_name: str = "", pseudo_ratio: float = 0.0, pseudo_max_ngram: int = 2,
+            pseudo_min_letters: int = 4, pseudo_length_power: float = 1.0, pseudo_max_per_term: int = 5,
+            pseudo_exclude=(), pseudo_term_free: bool = True, log=print) -> dict:
+    """Write `{train,dev,test}.jsonl` into `out` (without a split: `<split_name>.jsonl`, or
+    `chunks.jsonl` when split_name is empty); return a summary.
+
+    With `pseudo_ratio` > 0 the train split also gets pseudo-term chunks (stage1_extract/pseudo.py):
+    `pseudo_ratio` per term chunk, a weighted sample over all train candidates, at most
+    `pseudo_max_per_term` per pseudo-term; no word of the glossary (any split) nor of the term lists
+    in `pseudo_exclude` (glossary files) is ever part of one; with `pseudo_term_free` no pseudo
+    chunk overlaps a glossary term's words."""
     t_start = time.time()
     out = Path(out)
     alignments = Path(alignments)
@@ -187,6 +229,22 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
         raise BadInput(f"unknown split_by {split_by!r}", fix="use speaker, ratio or none")
     if split_by == "speaker" and not (dev_speakers or test_speakers):
         raise BadInput("--split-by speaker needs --dev-speakers and/or --test-speakers")
+    if split_name and split_by in ("speaker", "ratio"):
+        raise BadInput(f"--split-name {split_name!r} names the one split of --split-by none; "
+                       f"--split-by {split_by} makes train/dev/test", fix="drop one of them")
+    if split_name and (split_name in ("chunks", "rejected") or not split_name.isidentifier()):
+        raise BadInput(f"--split-name {split_name!r} is not usable as a manifest name",
+                       fix="use letters, digits and _ (e.g. heldout), not chunks or rejected")
+    if pseudo_ratio < 0 or pseudo_max_ngram < 1 or pseudo_min_letters < 1 or pseudo_max_per_term < 0:
+        raise BadInput(f"pseudo settings out of range (ratio {pseudo_ratio}, max_ngram {pseudo_max_ngram}, "
+                       f"min_letters {pseudo_min_letters}, max_per_term {pseudo_max_per_term})",
+                       file="config [data]", fix="pseudo_ratio >= 0, max_ngram >= 1, min_letters >= 1, "
+                                                 "max_per_term >= 0")
+    excluded = frozenset()
+    if pseudo_ratio > 0:
+        excluded = excluded_words(gloss).union(
+            *(excluded_words(load_glossary(p, None, log=lambda *_: None)) for p in pseudo_exclude))
+    pseudo_pool: list = []
     rejects = RejectLog(out / "rejected.jsonl")
     skipped = Counter()
     rng = random.Random(seed)
@@ -220,11 +278,15 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
             skipped[_reason_kind(err)] += 1
             continue
         split = assign_split(seg, split_by, set(dev_speakers), set(test_speakers), dev_ratio,
-                             test_ratio, seed)
+                             test_ratio, seed) or split_name
         spans = find_terms(words, forms, max_ngram)
         by_split.setdefault(split, []).extend(segment_chunks(seg, words, spans, duration, context))
         noterm_pool.setdefault(split, []).extend(
             noterm_candidates(seg, words, spans, duration, noterm_min, noterm_max, rng))
+        if pseudo_ratio > 0 and split == "train":   # never dev/test: their words stay unseen
+            pseudo_pool.extend(pseudo_chunks(seg, words, spans, duration, context, excluded, seed,
+                                             pseudo_max_ngram, pseudo_min_letters, pseudo_length_power,
+                                             pseudo_term_free))
 
     summary = {"segments_read": len(segs), "segments_skipped": dict(skipped), "splits": {}}
     out.mkdir(parents=True, exist_ok=True)
@@ -235,15 +297,26 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
         want = min(len(pool), max(1 if pool else 0, round(noterm_ratio * len(chunks))))
         noterm = random.Random(f"{seed}:{split}").sample(pool, want) if want else []
         noterm.sort(key=lambda c: c.id)
-        allc = chunks + noterm
+        pseudo = []
+        if split == "train" and pseudo_pool:
+            pseudo = [c for _, c in choose(pseudo_pool, round(pseudo_ratio * len(chunks)),
+                                           pseudo_max_per_term, key=lambda item: item[0])]
+            pseudo.sort(key=lambda c: c.id)
+        allc = chunks + noterm + pseudo
         for c in allc:
             c.split = split
         write_chunks(allc, out / f"{split or 'chunks'}.jsonl")
         summary["splits"][split or "all"] = {
             "term_chunks": len(chunks), "distinct_terms": len({t for c in chunks for t in c.terms}),
-            "noterm_chunks": len(noterm),
+            "noterm_chunks": len(noterm), "pseudo_chunks": len(pseudo),
+            "distinct_pseudo_terms": len({p for c in pseudo for p in c.pseudo_terms}),
             "audio_hours": round(sum(c.audio_duration for c in allc) / 3600, 3)}
     rejects.write()
+    if pseudo_ratio > 0:
+        summary["pseudo_candidates"] = len(pseudo_pool)
+        summary["pseudo_candidate_terms"] = len({p.text for p, _ in pseudo_pool})
+        if "train" not in by_split:
+            log("data.pseudo_ratio > 0 but there is no train split: no pseudo-term chunks written")
     summary["rejected"] = len(rejects)
     summary["seconds"] = round(time.time() - t_start, 2)
     (out / "prepare_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -264,12 +337,17 @@ def _reason_kind(err: BadInput) -> str:
 
 
 def _print_summary(s: dict, log) -> None:
-    log(f"{'split':<8}{'term chunks':>12}{'terms':>8}{'no-term':>9}{'hours':>8}")
+    log(f"{'split':<8}{'term chunks':>12}{'terms':>8}{'no-term':>9}{'pseudo':>8}{'p-terms':>9}{'hours':>8}")
     for split, v in s["splits"].items():
         log(f"{split:<8}{v['term_chunks']:>12}{v['distinct_terms']:>8}{v['noterm_chunks']:>9}"
-            f"{v['audio_hours']:>8.2f}")
+            f"{v['pseudo_chunks']:>8}{v['distinct_pseudo_terms']:>9}{v['audio_hours']:>8.2f}")
     skipped = ", ".join(f"{k}: {n}" for k, n in s["segments_skipped"].items()) or "none"
-    log(figures(segments=s["segments_read"], skipped=sum(s["segments_skipped"].values()),
+    pseudo = {}
+    if "pseudo_candidates" in s:   # only when pseudo-terms are on, so the line is unchanged otherwise
+        pseudo = {"pseudo_chunks": sum(v["pseudo_chunks"] for v in s["splits"].values()),
+                  "pseudo_terms": sum(v["distinct_pseudo_terms"] for v in s["splits"].values()),
+                  "pseudo_candidates": s["pseudo_candidates"]}
+    log(figures(segments=s["segments_read"], skipped=sum(s["segments_skipped"].values()), **pseudo,
                 seconds=s["seconds"]) + f" (skipped: {skipped})")
 
 
@@ -298,14 +376,19 @@ def _speakers(value: str | None) -> list[str]:
 @click.option("--test-speakers", help="Test speakers: comma-separated, or @file with one per line.")
 @click.option("--split-file", type=click.Path(dir_okay=False),
               help='JSON {"dev_speakers": [...], "test_speakers": [...]} (what demo-corpus writes).')
+@click.option("--split-name", help="With --split-by none: the split's name, written as OUT/<name>.jsonl "
+              "(e.g. heldout); default chunks.jsonl, split 'all'. [data.split_name]")
 @click.option("--skip-bad", is_flag=True, help="Skip bad segments into OUT/rejected.jsonl instead of stopping.")
 @click.option("--limit", type=int, default=0, help="Only the first N segments (quick mode).")
 def prepare_command(cfg: Config, segments, alignments, glossary, alt2main, out, split_by, dev_speakers,
-                    test_speakers, split_file, skip_bad, limit):
+                    test_speakers, split_file, split_name, skip_bad, limit):
     """Cut term-level chunks (and no-term chunks) from aligned segments into JSONL manifests.
 
     Context, no-term ratio and lengths come from the config: data.context, data.noterm_ratio,
     data.noterm_min, data.noterm_max, data.max_ngram, data.dev_ratio, data.test_ratio, data.seed.
+    Pseudo-term chunks in train (off by default): data.pseudo_ratio, data.pseudo_max_ngram,
+    data.pseudo_min_letters, data.pseudo_length_power, data.pseudo_max_per_term, data.pseudo_term_free,
+    data.pseudo_exclude.
     """
     d = cfg.data
     dev, test = _speakers(dev_speakers), _speakers(test_speakers)
@@ -322,5 +405,9 @@ def prepare_command(cfg: Config, segments, alignments, glossary, alt2main, out, 
             noterm_min=d.noterm_min, noterm_max=d.noterm_max, max_ngram=d.max_ngram,
             split_by=split_by or d.split_by, dev_speakers=dev, test_speakers=test,
             dev_ratio=d.dev_ratio, test_ratio=d.test_ratio, seed=d.seed, skip_bad=skip_bad,
-            limit=limit, log=click.echo)
+            limit=limit, split_name=d.split_name if split_name is None else split_name,
+            pseudo_ratio=d.pseudo_ratio, pseudo_max_ngram=d.pseudo_max_ngram,
+            pseudo_min_letters=d.pseudo_min_letters, pseudo_length_power=d.pseudo_length_power,
+            pseudo_max_per_term=d.pseudo_max_per_term, pseudo_term_free=d.pseudo_term_free,
+            pseudo_exclude=[p.strip() for p in d.pseudo_exclude.split(",") if p.strip()], log=click.echo)
     save_config(cfg, out / "config.json")

@@ -49,7 +49,7 @@ def want_in_memory(setting: str, nbytes: int) -> bool:
 
 
 class SplitData:
-    """One split: audio taps, each chunk's term ids and chunk-text index, no-term flags."""
+    """One split: audio taps, each chunk's term ids, pseudo-terms and chunk-text index, no-term flags."""
 
     def __init__(self, cache: FeatureCache, split: str, in_memory: str = "auto", limit: int = 0):
         self.cache, self.split = cache, split
@@ -65,12 +65,15 @@ class SplitData:
         text_to_idx = {t: i for i, t in enumerate(cache.read_json("chunk_texts.json"))}
         self.ids = table.ids
         self.terms: list[list[int]] = []
+        self.pseudo: list[list[str]] = []      # pseudo-term texts per chunk (pseudo.json's entries)
         self.text_index = np.zeros(len(self.ids), dtype=np.int64)
         for n, cid in enumerate(self.ids):
             c = by_id[cid]
             self.terms.append([key_to_id[t] for t in c.terms])
+            self.pseudo.append(list(c.pseudo_terms))
             self.text_index[n] = text_to_idx[c.term_chunk_text]
-        self.noterm = np.array([not t for t in self.terms], dtype=bool)
+        # a pseudo-term chunk has no glossary term but a target: it is not a no-term chunk
+        self.noterm = np.array([not t and not p for t, p in zip(self.terms, self.pseudo)], dtype=bool)
         self.n = len(self.ids) if not limit else min(limit, len(self.ids))
 
     def __len__(self):
@@ -78,13 +81,15 @@ class SplitData:
 
 
 def global_batches(terms: list[list[int]], n: int, batch_size: int, seed: int, epoch: int,
-                   dedup: bool = True) -> list[np.ndarray]:
+                   dedup: bool = True, subset: np.ndarray | None = None) -> list[np.ndarray]:
     """The epoch's batches of item indices (same on every rank for the same seed and epoch).
 
     With `dedup`, an item whose term is already in the batch waits for a later batch, so a term
     is at most once per batch (masking handles duplicates anyway; this keeps negatives useful).
     """
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    rng = np.random.default_rng([seed, epoch])
+    # `subset`: the items this epoch uses (e.g. without pseudo-term chunks after the curriculum)
+    order = rng.permutation(n) if subset is None else np.asarray(subset)[rng.permutation(len(subset))]
     if not dedup:
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
     batches, pending = [], list(order)

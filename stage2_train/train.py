@@ -29,6 +29,7 @@ from shared.cli import config_options, figures
 from shared.config import Config, diff_configs, save_config
 from shared.errors import BadInput
 from shared.heads import RetrievalModel, build_model, embed, model_spec, pad_batch
+from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
 from stage2_train.data import SplitData, global_batches
 from stage2_train.losses import RetrievalLoss, build_term_masks, distinct_terms, same_text_mask
 from stage2_train.mining import format_stats, mine_hard_negatives
@@ -79,13 +80,42 @@ class Trainer:
                            fix="finish `python -m stage1_extract extract` first (rerun it)")
         self.train_data = SplitData(self.cache, "train", t.in_memory, t.limit)
         self.dev_data = SplitData(self.cache, "dev", t.in_memory, t.limit) if "audio/dev" in self.cache.tables else None
-        gl = self.cache.table("text/glossary")
-        self.gloss_feats = _all_items(gl)
-        self.text_feats = _all_items(self.cache.table("text/chunks"))
         dims = {k: int(v) for k, v in self.cache.index["dims"].items()}
-        self.model = build_model(self.cache.root, dims, t.proj_dim, t.pooling, t.temperature,
-                                 t.learn_temperature).to(self.device)
-        self.spec = model_spec(str(self.cache.root), dims, t.proj_dim, t.pooling)
+        x = cfg.text
+        options = dict(text_encoders=list(x.encoders), pool_heads=t.pool_heads, head=t.head,
+                       buckets=x.buckets, bag_dim=x.bag_dim, ngram=[1, x.ngram_max])
+        try:
+            self.model = build_model(self.cache.root, dims, t.proj_dim, t.pooling, t.temperature,
+                                     t.learn_temperature, **options).to(self.device)
+        except ValueError as e:
+            raise BadInput(str(e), file="config [text]/[train]", fix="fix that setting (--set)") from None
+        # absolute: a checkpoint finds its feature cache from any working directory
+        self.spec = model_spec(str(self.cache.root.resolve()), dims, t.proj_dim, t.pooling, **options)
+        tables = term_tables(self.cache, self.spec, ("glossary", "chunks"))
+        self.gloss, self.texts = tables["glossary"], tables["chunks"]
+        self.owner = self.gloss.owner                        # glossary row -> term id
+        self.equivalent = {int(r): int(o) for r, o in enumerate(self.owner)}
+        forms = _glossary_form_texts(self.cache)
+        rows_of: dict[int, list[int]] = {}
+        for r, o in enumerate(self.owner):
+            rows_of.setdefault(int(o), []).append(r)
+        chunk_texts = self.cache.read_json("chunk_texts.json")
+        d = self.train_data
+        # each chunk's positives are the rows of the forms actually spoken (an alias, or the main form)
+        self.train_rows = [spoken_rows(chunk_texts[d.text_index[i]], d.terms[i], forms, self.owner, rows_of)
+                           for i in range(len(d.terms))]
+        # Pseudo-terms (words of the train transcripts, prepare's data.pseudo_ratio) are extra term
+        # columns after the glossary rows, each its own group: targets, never glossary terms.
+        self.columns = self.gloss
+        self.is_pseudo = np.array([bool(p) for p in d.pseudo], dtype=bool)
+        if self.is_pseudo.any():
+            pseudo = term_tables(self.cache, self.spec, ("pseudo",))["pseudo"]
+            self.columns = self.gloss.concat(pseudo)
+            R, n_terms = len(self.gloss), int(self.owner.max()) + 1
+            row_of = {t: R + j for j, t in enumerate(self.cache.read_json("pseudo.json"))}
+            self.equivalent.update({R + j: n_terms + j for j in range(len(pseudo))})
+            for i in np.flatnonzero(self.is_pseudo):
+                self.train_rows[i] = [row_of[t] for t in d.pseudo[i]]
         top, heads = [], []
         for name, p in self.model.named_parameters():
             (top if ".top." in name else heads).append(p)
@@ -97,8 +127,7 @@ class Trainer:
         L = cfg.loss
         self.loss = RetrievalLoss(L.w_text, L.w_term, L.w_reject, L.w_hard, L.reject_margin)
         self.batch_global = t.batch_size * self.world
-        self.steps_per_epoch = len(global_batches(self.train_data.terms, len(self.train_data),
-                                                  self.batch_global, t.seed, 0, t.dedup_terms))
+        self.steps_per_epoch = len(self.batches(0))
         self.total_steps = t.epochs * self.steps_per_epoch
         n = len(self.train_data)
         self.memory = np.zeros((n, t.proj_dim), dtype=np.float32)   # latest audio embedding per chunk
@@ -137,18 +166,29 @@ class Trainer:
         random.setstate(ckpt["rng"]["python"])
 
     # ------------------------------------------------------------------ pieces
-    def text_embed(self, feats: list[np.ndarray]) -> torch.Tensor:
-        x, m = pad_batch(feats, self.device)
-        return self.model.text(x, m)
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches; pseudo-term chunks drop out after `train.pseudo_epochs`."""
+        t, n = self.cfg.train, len(self.train_data)
+        subset = None
+        if t.pseudo_epochs and epoch >= t.pseudo_epochs and self.is_pseudo[:n].any():
+            subset = np.flatnonzero(~self.is_pseudo[:n])
+        return global_batches(self.train_data.terms, n, self.batch_global, t.seed, epoch, t.dedup_terms, subset)
+
+    def text_embed(self, table, idx) -> torch.Tensor:
+        # numpy's global generator: seeded by _seed and saved in checkpoints, so resume stays exact
+        return self.model.text(**table.batch(idx, self.device, self.cfg.text.gram_dropout,
+                                             np.random))
 
     def refresh_hard_negatives(self) -> dict:
         t0 = time.time()
-        gloss = embed(self.model.text, self.gloss_feats, device=self.device)
+        gloss = embed_table(self.model.text, self.gloss, device=self.device)
         idx = np.flatnonzero(self.seen)
         if len(idx) == 0:
             return {}
-        positives = [set(self.train_data.terms[i]) for i in idx]
-        ids, stats = mine_hard_negatives(self.memory[idx], gloss, positives, k=self.cfg.train.hard_k)
+        R = len(self.gloss)     # pseudo-term rows (>= R) are not searched: any glossary row is their negative
+        positives = [{r for r in self.train_rows[i] if r < R} for i in idx]
+        ids, stats = mine_hard_negatives(self.memory[idx], gloss, positives, equivalent=self.equivalent,
+                                         k=self.cfg.train.hard_k)
         self.hard[idx] = ids
         self.mining_seconds += time.time() - t0
         return stats
@@ -162,8 +202,11 @@ class Trainer:
         self.model.eval()
         term_items = [i for i in range(len(d)) if d.terms[i]]
         audio = embed(self.model.audio, d.audio.items(term_items), device=self.device)
-        gloss = embed(self.model.text, self.gloss_feats, device=self.device)
-        ranked = np.argsort(-(audio @ gloss.T), axis=1)[:, :10]
+        gloss = embed_table(self.model.text, self.gloss, device=self.device)
+        sims = audio @ gloss.T
+        depth = min(40, sims.shape[1])
+        rows = np.argsort(-sims, axis=1)[:, :depth]
+        ranked, _ = rows_to_terms(rows, np.take_along_axis(sims, rows, 1), self.owner, 10)
         self.model.train()
         rec = recall_at_k(ranked, [set(d.terms[i]) for i in term_items], ks=(1, 5, 10))
         return {f"dev_r{k}": float(v) for k, v in rec.items()}
@@ -175,18 +218,18 @@ class Trainer:
             x, m = pad_batch(d.audio.items(local), self.device)
             audio = _gather(self.model.audio(x, m) if len(local) else
                             torch.zeros(0, self.cfg.train.proj_dim, device=self.device), self.world)
-            chunk_terms = [d.terms[i] for i in batch]
+            chunk_terms = [self.train_rows[i] for i in batch]
             cols = distinct_terms(chunk_terms)
-            pos, ignore = build_term_masks(chunk_terms, cols, device=self.device)
-            terms = self.text_embed([self.gloss_feats[t] for t in cols]) if cols else \
+            pos, ignore = build_term_masks(chunk_terms, cols, self.equivalent, device=self.device)
+            terms = self.text_embed(self.columns, cols) if cols else \
                 torch.zeros(0, audio.shape[1], device=self.device)
-            text = self.text_embed([self.text_feats[d.text_index[i]] for i in batch])
+            text = self.text_embed(self.texts, d.text_index[batch])
             same = same_text_mask([int(d.text_index[i]) for i in batch], device=self.device)
             hard_ids = self.hard[batch]
             hard = hard_mask = None
             if (hard_ids >= 0).any():
-                flat = [self.gloss_feats[max(int(t), 0)] for t in hard_ids.reshape(-1)]
-                hard = self.text_embed(flat).view(len(batch), hard_ids.shape[1], -1)
+                flat = np.maximum(hard_ids.reshape(-1), 0)
+                hard = self.text_embed(self.gloss, flat).view(len(batch), hard_ids.shape[1], -1)
                 hard_mask = torch.from_numpy(hard_ids >= 0).to(self.device)
             total, parts = self.loss(audio.float(), text.float(), terms.float(), pos, ignore,
                                      self.model.logit_scale(), text_same=same,
@@ -239,8 +282,7 @@ class Trainer:
                    disable=self.rank != 0, mininterval=1.0)
         steps_this_call = 0
         while self.state["epoch"] < t.epochs and not self.state["done"]:
-            batches = global_batches(self.train_data.terms, len(self.train_data), self.batch_global, t.seed,
-                                     self.state["epoch"], t.dedup_terms)
+            batches = self.batches(self.state["epoch"])
             while self.state["batch"] < len(batches):
                 step = self.state["step"]
                 needs_mining = self.loss.w_hard > 0 or self.loss.w_reject > 0
@@ -301,9 +343,9 @@ class Trainer:
         self.save(last, full=True)
 
 
-def _all_items(table) -> list[np.ndarray]:
-    frames, offsets = table.load()
-    return [frames[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+def _glossary_form_texts(cache) -> list[str]:
+    from shared.termside import glossary_forms
+    return glossary_forms(cache.read_json("glossary.json"))[0]
 
 
 def _append(path: Path, rec: dict) -> None:

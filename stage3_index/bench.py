@@ -652,13 +652,28 @@ def synthetic_glossary(n: int, dim: int, seed: int, tokens=(3, 8)) -> list[np.nd
     return [flat[offsets[i]:offsets[i + 1]] for i in range(n)]
 
 
+def synthetic_table(trainer, lm_items: list[np.ndarray]):
+    """A TermTable of len(lm_items) synthetic terms as the trainer's text side reads them: the LM
+    states given, and 20-40 random n-gram ids each (a term's spelling + phones) for form parts."""
+    from shared.termside import TermTable
+    side = trainer.model.text
+    n = len(lm_items)
+    grams = None
+    if side.bag is not None:
+        rng = np.random.default_rng(3)
+        grams = [np.unique(rng.integers(0, side.buckets, int(rng.integers(20, 41)))) for _ in range(n)]
+    t = TermTable(lm_items if side.lm is not None else None, np.arange(n), grams)
+    t.owner = np.arange(n)
+    return t
+
+
 def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_around: int = 5) -> tuple[dict, dict]:
     """One refresh over a synthetic glossary, between `steps_around` cached steps before and after it
     (their mean is the step time of the share), all with the training's thread count."""
     trainer, batches = setup.trainer, setup.batches
     dim = int(trainer.cache.index["dims"]["text"])
-    real = trainer.gloss_feats
-    synthetic = synthetic_glossary(glossary_size, dim, seed=1)
+    real = trainer.gloss, trainer.equivalent
+    synthetic = synthetic_table(trainer, synthetic_glossary(glossary_size, dim, seed=1))
     # After a full epoch every chunk has an embedding; the steps timed here saw only some, so the
     # others get random unit vectors (the search costs the same whatever the values).
     unseen = np.flatnonzero(~trainer.seen)
@@ -673,13 +688,13 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_
         for b in around[:steps_around]:
             trainer.step(b)
         before = time.perf_counter() - t0
-        trainer.gloss_feats, hard = synthetic, trainer.hard.copy()
+        (trainer.gloss, trainer.equivalent), hard = (synthetic, {}), trainer.hard.copy()
         try:
             trainer.mining_seconds = 0.0
             stats = trainer.refresh_hard_negatives()
             seconds = trainer.mining_seconds
         finally:   # the mined ids point into the synthetic glossary: the real one comes back with its ids
-            trainer.gloss_feats, trainer.hard = real, hard
+            (trainer.gloss, trainer.equivalent), trainer.hard = real, hard
         t0 = time.perf_counter()
         for b in around[steps_around:]:
             trainer.step(b)

@@ -13,25 +13,36 @@ def cli():
     """Stage 3: FAISS index and evaluation of trained runs, run comparison, streaming retrieval.
 
     \b
-    eval     Recall@K (seen/unseen, glossary sizes), rejection, QPS -> RUN/eval/report.{json,md,png}
+    eval     Recall@K (seen/unseen, glossary sizes), rejection, QPS, baseline -> RUN/eval/SPLIT/report.{json,md}
     compare  several runs side by side (config differences and metrics)
     query    the streaming retriever on a WAV file: terms with times
     bench    make bench: the design's speed and memory promises, measured as ratios in one run
+    ablation train each variant of a config on the same cache; one comparison table (make ablation)
     """
 
 
 @cli.command("eval")
 @click.option("--run", "run", required=True, type=click.Path(file_okay=False), help="Run folder (cache/runs/RUN).")
-@click.option("--split", default="test", show_default=True, help="Split of the feature cache to evaluate.")
+@click.option("--features", type=click.Path(file_okay=False), default=None,
+              help="Another feature cache (another corpus, its own glossary) made with the run's backbone; "
+                   "its report goes to RUN/eval/CACHENAME.SPLIT/. [the run's own cache: RUN/eval/SPLIT/]")
+@click.option("--split", default=None, help="Split to evaluate. [eval.split, test]")
 @click.option("--index", "factory", default=None,
               help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64. [eval.index of the run]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file whose keys override the run's saved config (eval.* keys matter here).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config key, e.g. --set eval.glossary_sizes=1000,10000,100000 (repeatable).")
 @click.option("--quiet", is_flag=True, help="Do not print the markdown table.")
-def eval_command(run, split, factory, quiet):
-    """Evaluate a run on a split of its feature cache and write the report beside the run."""
+def eval_command(run, features, split, factory, config_path, overrides, quiet):
+    """Evaluate a run on a split of its feature cache (or of another cache with --features): Recall@K
+    seen/unseen, glossary sizes padded with real distractors, rejection, QPS, the cascade baseline."""
     from stage3_index.evaluate import evaluate, report_markdown
-    report = evaluate(run, split, factory=factory, log=click.echo)
+    report = evaluate(run, split, features=features, config=config_path, overrides=overrides, factory=factory,
+                      log=click.echo)
     if not quiet:
         click.echo(report_markdown(report, Path(run).name))
+    click.echo(f"report: {report['out']}/report.json")
 
 
 @cli.command("compare")
@@ -44,10 +55,12 @@ def compare_command(runs, out):
 
 
 def _register():
+    from stage3_index.ablation import ablation_command
     from stage3_index.bench import bench_command
     from stage3_index.retriever import query_command
     cli.add_command(query_command)
     cli.add_command(bench_command)
+    cli.add_command(ablation_command)
 
 
 def main():

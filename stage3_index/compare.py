@@ -18,23 +18,24 @@ def _flat(d: dict, prefix="") -> dict:
     return out
 
 
-def compare(runs: list[str | Path], out: str | Path | None = None, log=print) -> str:
-    """Markdown table: config keys that differ between the runs, then the headline metrics."""
+def compare(runs: list[str | Path], out: str | Path | None = None, log=print, split: str = "test") -> str:
+    """Markdown table: config keys that differ between the runs, then the headline metrics of each
+    run's report on `split` of its own cache (RUN/eval/SPLIT/report.json)."""
     rows = []
     for r in runs:
         r = Path(r)
-        cfg_path, rep_path = r / "config.json", r / "eval" / "report.json"
+        cfg_path, rep_path = r / "config.json", r / "eval" / split / "report.json"
         if not cfg_path.is_file():
             raise BadInput("not a run folder (config.json missing)", file=r)
         rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
         if rep is None:
-            log(f"{r}: no eval/report.json yet (run `python -m stage3_index eval --run {r}`)")
+            log(f"{r}: no eval/{split}/report.json yet (run `python -m stage3_index eval --run {r} --split {split}`)")
         rows.append((r.name, json.loads(cfg_path.read_text()), rep))
     base = rows[0][1]
     keys = sorted({k for _, c, _ in rows[1:] for k in diff_configs(base, c)})
     keys = [k for k in keys if not k.startswith("cache.root")]
     metrics = ["recall.1", "recall.5", "recall.10", "recall_seen.5", "recall_unseen.5", "rejection.auroc",
-               "rejection.far", "qps"]
+               "rejection.far", "qps", "baseline.recall.5"]
     head = ["run"] + keys + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, cfg, rep in rows:
@@ -63,7 +64,7 @@ def _plot(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(have), 3.5))
     w = 0.8 / len(ks)
     for i, k in enumerate(ks):
-        ax.bar(np.arange(len(have)) + i * w, [r["recall"][k] for _, r in have], w, label=f"R@{k}")
+        ax.bar(np.arange(len(have)) + i * w, [r["recall"][k] or 0.0 for _, r in have], w, label=f"R@{k}")
     ax.set_xticks(np.arange(len(have)) + w * (len(ks) - 1) / 2, [n for n, _ in have], rotation=20)
     ax.set_ylim(0, 1)
     ax.legend()

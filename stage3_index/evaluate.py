@@ -1,12 +1,31 @@
-"""`eval`: a run's glossary index, Recall@K (seen/unseen, glossary sizes), rejection, speed; reports.
+"""`eval`: a run's glossary index, Recall@K (seen/unseen, glossary sizes), rejection, speed, and the
+cascade baseline beside it; reports.
 
-Everything is computed from the run's checkpoint and the cached features it was trained on: the
-frozen backbone is not loaded. The glossary index is saved beside the run and reused while the
-checkpoint and factory string are the same.
+Everything is computed from the run's checkpoint and cached features: the frozen backbone is not
+loaded. The evaluated split may be one of the run's own feature cache (report in `RUN/eval/SPLIT/`)
+or of another cache, another corpus with its own glossary, built with the same backbone
+(`--features`; report in `RUN/eval/CACHENAME.SPLIT/`). What the report's keys mean: README, eval.
+
+- Seen / unseen: a query's term is *seen* when the run trained on a chunk holding it: the first
+  `train.limit` (0 = all) chunks of the train split of the run's own cache. Terms are compared by
+  their normalised key, so this holds across corpora.
+- Rejection threshold: always picked on the dev split of the run's own cache (never on the evaluated
+  split); null, with a message, when that dev has no top-1 hit or when dev itself is evaluated.
+- Glossary sizes: the split's own terms padded with real distractor names (`text/distractors`,
+  made by stage 1) up to each `eval.glossary_sizes`; each row uses the main index kind, rows are
+  keyed by their real size.
+- Baseline: the cascade (ASR transcript + fuzzy match of every term form, stage3_index/cascade.py),
+  on the same queries, when stage 1 cached transcripts for the split.
+
+Where the run's feature cache is: checkpoints store its absolute path (stage 2 resolves it at save
+time). Older checkpoints stored it as given, relative to the working directory of training; such a
+path is tried relative to the current directory, then relative to each parent of the run folder
+(`cache/runs/demo` -> `cache/features/demo` from any working directory).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,13 +34,21 @@ import torch
 
 from shared.cache import FeatureCache, file_sha256, fingerprint_diff
 from shared.cli import figures
+from shared.config import Config, config_from_dict, load_config
 from shared.errors import BadInput
+from shared.glossary import normalize
 from shared.heads import embed, load_model
+from shared.termside import embed_glossary, embed_text_table, rows_to_terms
 from stage2_train.data import SplitData
 from stage3_index.index import build_index, load_index_if, save_index, search
-from stage3_index.metrics import (auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold,
-                                  sample_glossary)
+from stage3_index.metrics import auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold
 
+# What makes two caches' features comparable: same models and weights, taps, text field, features.
+BACKBONE_KEYS = ("backbone", "text_field", "feature_settings", "dtype", "cache_version")
+SEARCH_BLOCK = 4096      # queries per FAISS call: memory stays (block x depth), never chunks x glossary
+
+
+# ---------------------------------------------------------------- the run and its caches
 
 def _checkpoint(run: Path) -> Path:
     for name in ("best.pt", "last.pt"):
@@ -31,121 +58,379 @@ def _checkpoint(run: Path) -> Path:
                    fix="train first: python -m stage2_train --run " + str(run))
 
 
-def _retrieve(model, data: SplitData, index, k: int):
-    """Embeddings, top-k ids and scores of every chunk of a split; and search time."""
-    audio = embed(model.audio, data.audio.items(range(len(data))))
-    t0 = time.perf_counter()
-    scores, ids = search(index, audio, k)
-    return audio, scores, ids, time.perf_counter() - t0
+def resolve_features(path: str | Path, run: str | Path) -> Path:
+    """The run's feature cache folder from a checkpoint's spec["features"] (see the module docstring)."""
+    p = Path(path)
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [Path.cwd() / p] + [parent / p for parent in Path(run).resolve().parents]
+    for c in candidates:
+        if (c / "index.json").is_file():
+            return c
+    raise BadInput(f"the run's feature cache {str(path)!r} is not found (tried {', '.join(map(str, candidates[:4]))}"
+                   + (", ..." if len(candidates) > 4 else "") + ")", file=run,
+                   fix="run from the folder training ran in, or restore the cache")
 
 
-def evaluate(run: str | Path, split: str = "test", *, factory: str | None = None, ks=(1, 5, 10),
-             glossary_sizes=None, keep_hits: float | None = None, log=print) -> dict:
-    """Write run/eval/report.{json,md} and plots; return the report."""
-    t_start = time.time()
+def backbone_part(cache: FeatureCache) -> dict:
+    """The part of a cache's fingerprint that decides whether its features mean the same thing."""
+    part = {k: cache.fingerprint.get(k) for k in BACKBONE_KEYS}
+    part["backbone_fingerprint"] = cache.index.get("backbone_fingerprint")
+    part["dims"] = cache.index.get("dims")
+    return json.loads(json.dumps(part, default=str))
+
+
+def check_same_backbone(own: FeatureCache, other: FeatureCache) -> None:
+    diff = fingerprint_diff(backbone_part(own), backbone_part(other))
+    if diff:
+        keys = [d.split(":")[0] for d in diff]
+        raise BadInput(f"this cache was made with another backbone than the run's ({', '.join(keys)}): "
+                       + "; ".join(d.replace("cache has", "run's cache has").replace("config gives", "this cache has")
+                                   for d in diff),
+                       file=other.root, fix="extract that corpus with the run's backbone settings and weights")
+
+
+def load_run(run: str | Path):
+    """(model, checkpoint dict, the run's Config, the run's FeatureCache, checkpoint path)."""
     run = Path(run)
     ckpt_path = _checkpoint(run)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    cache = FeatureCache(ckpt["spec"]["features"])
+    root = resolve_features(ckpt["spec"]["features"], run)
+    cache = FeatureCache(root)
     diff = fingerprint_diff(cache.fingerprint, ckpt["cache_fingerprint"])  # "cache has X, config (the run) gives Y"
     if diff:  # checked before the model is rebuilt from that cache's exported top layers
         raise BadInput("the feature cache changed since this run was trained: " + "; ".join(diff),
                        file=cache.root, fix="evaluate with the cache the run was trained on")
-    model, ckpt = load_model(ckpt)
-    cfg = ckpt["config"]
-    factory = factory or cfg["eval"]["index"]
-    glossary_sizes = glossary_sizes or cfg["eval"]["glossary_sizes"]
-    keep_hits = keep_hits or cfg["eval"]["keep_hits"]
+    model, ckpt = load_model(ckpt, root)
+    return model, ckpt, config_from_dict(ckpt["config"]), cache, ckpt_path
+
+
+def trained_keys(cache: FeatureCache, limit: int) -> set[str]:
+    """Normalised keys of the terms in the chunks the run trained on (`train.limit` included)."""
+    if "audio/train" not in cache.tables:
+        return set()
+    data = SplitData(cache, "train", in_memory="no", limit=limit)
+    keys = cache.read_json("glossary.json")["keys"]
+    return {normalize(keys[t]) for ts in data.terms[:len(data)] for t in ts}
+
+
+# ---------------------------------------------------------------- search
+
+def search_blocks(index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(scores, ids, seconds) of the top `depth` rows per query, SEARCH_BLOCK queries at a time."""
+    scores, ids, secs = [], [], 0.0
+    for b in range(0, len(queries), SEARCH_BLOCK):
+        t0 = time.perf_counter()
+        s, i = search(index, queries[b:b + SEARCH_BLOCK], depth)
+        secs += time.perf_counter() - t0
+        scores.append(s)
+        ids.append(i)
+    if not scores:
+        return np.zeros((0, depth), np.float32), np.zeros((0, depth), np.int64), 0.0
+    return np.concatenate(scores), np.concatenate(ids), secs
+
+
+def rank_terms(index, n_rows: int, owner: np.ndarray, audio: np.ndarray, k: int):
+    """(term ids (C, k) -1 padded, scores (C, k), search seconds): rows searched 3x deeper, folded."""
+    depth = max(1, min(3 * k, n_rows))
+    s, r, secs = search_blocks(index, audio, depth)
+    ids, scores = rows_to_terms(r, s, owner, k)
+    return ids, scores, secs
+
+
+def build_or_flat(vecs: np.ndarray, factory: str, log=print):
+    """The configured index kind; Flat (with a message) when the vectors are too few to train it."""
+    try:
+        return build_index(vecs, factory), factory
+    except BadInput as e:
+        if "needs at least" not in str(e):
+            raise
+        log(f"{len(vecs)} rows are too few for index {factory!r}: Flat for this one")
+        return build_index(vecs, "Flat"), "Flat"
+
+
+# ---------------------------------------------------------------- metrics of one ranking
+
+def score_ranking(ids: np.ndarray, scores: np.ndarray, gold: list, seen_term, ks) -> dict:
+    """Recall (all / seen / unseen), both AUROCs and what the threshold figures need.
+
+    seen_term(term id) -> bool. A chunk's rejection score is its top-1 score.
+    """
+    chunk, term, hits = query_hits(ids, gold, ks)
+    seen = np.array([seen_term(int(t)) for t in term], dtype=bool)
+
+    def rec(mask):
+        return {str(k): (float(hits[mask, i].mean()) if mask.any() else None) for i, k in enumerate(ks)}
+
+    max_score = np.asarray(scores[:, 0], dtype=np.float64) if len(scores) else np.zeros(0)
+    term_chunk = np.array([bool(g) for g in gold], dtype=bool)
+    top1_right = np.zeros(len(gold), dtype=bool)
+    top1_right[chunk[hits[:, 0]]] = True
+    return {"recall": rec(np.ones(len(term), dtype=bool)), "recall_seen": rec(seen), "recall_unseen": rec(~seen),
+            "auroc": _num(auroc(max_score[term_chunk], max_score[~term_chunk])),
+            "auroc_top1_correct": _num(auroc(max_score[term_chunk & top1_right], max_score[~term_chunk])),
+            "_chunk": chunk, "_term": term, "_hits": hits, "_seen": seen, "_max": max_score,
+            "_term_chunk": term_chunk, "_top1_right": top1_right}
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def dev_threshold(model, cache: FeatureCache, keep_hits: float, factory: str = "Flat", k: int = 10,
+                  gloss=None, index=None, log=print) -> float | None:
+    """The score that keeps `keep_hits` of the top-1 hits of the dev split of `cache` (the run's own);
+    None, with a message, when there is no dev split or no dev top-1 hit."""
+    if "audio/dev" not in cache.tables:
+        log("the run's cache has no dev split: no rejection threshold (it is never picked on the evaluated split)")
+        return None
+    vecs, owner = gloss if gloss is not None else embed_glossary(model, cache)
+    if index is None:
+        index, _ = build_or_flat(vecs, factory, log)
+    dev = SplitData(cache, "dev")
+    audio = embed(model.audio, dev.audio.items(range(len(dev))))
+    ids, scores, _ = rank_terms(index, len(vecs), owner, audio, k)
+    chunk, _, hits = query_hits(ids, dev.terms, (1,))
+    right = np.zeros(len(dev), dtype=bool)
+    right[chunk[hits[:, 0]]] = True
+    if not right.any():
+        log("dev has no top-1 hit: no rejection threshold (it is never picked on the evaluated split)")
+        return None
+    return pick_threshold(scores[right, 0], keep_hits)
+
+
+# ---------------------------------------------------------------- glossary sizes
+
+def distractor_rows(split_terms, owner: np.ndarray, n_terms: int, n_dist: int, size: int):
+    """(row selection into the glossary rows, number of distractors) for a glossary of `size` terms:
+    every row of the split's terms, then the first distractors up to `size` terms in all."""
+    rows = np.flatnonzero(np.isin(owner, np.asarray(sorted(split_terms), dtype=np.int64)))
+    n_pad = int(min(max(0, size - len(split_terms)), n_dist))
+    return rows, n_pad
+
+
+def by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs, sizes, factory, ks, log):
+    """{real size: {"recall": {K: ...}, "qps": ..., "distractors": n, "index": kind}}."""
+    out = {}
+    k = max(ks)
+    for size in sorted(set(int(s) for s in sizes)):
+        rows, n_pad = distractor_rows(split_terms, owner, n_terms, len(dist_vecs), size)
+        real = len(split_terms) + n_pad
+        if str(real) in out:
+            continue
+        if real < size:
+            log(f"glossary size {size}: only {n_pad} distractors in the cache, row {real} "
+                "(raise data.n_distractors and rerun extract: only that table is redone)")
+        sub = np.concatenate([vecs[rows], dist_vecs[:n_pad]]).astype(np.float32)
+        sub_owner = np.concatenate([owner[rows], n_terms + np.arange(n_pad, dtype=np.int64)])
+        index, kind = build_or_flat(sub, factory, log)
+        ids, _, secs = rank_terms(index, len(sub), sub_owner, audio, k)
+        _, _, h = query_hits(ids, gold, ks)
+        out[str(real)] = {"recall": {str(kk): (float(h[:, i].mean()) if len(h) else None) for i, kk in enumerate(ks)},
+                          "qps": float(len(audio) / max(secs, 1e-9)), "distractors": n_pad, "index": kind}
+    return out
+
+
+# ---------------------------------------------------------------- the cascade baseline
+
+TRANSCRIBE_HINT = "python -m stage1_extract transcribe --config CONFIG --split {split} --out {cache}"
+
+
+def read_transcripts(cache: FeatureCache, split: str) -> dict[str, str] | None:
+    """{chunk id: transcript} from `<cache>/transcripts/<split>.jsonl`, or None when absent."""
+    path = cache.root / "transcripts" / f"{split}.jsonl"
+    if not path.is_file():
+        return None
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[str(rec["id"])] = str(rec.get("text") or "")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BadInput("not a transcript record ({\"id\": ..., \"text\": ...})", file=path, record=f"line {n}",
+                           fix="rerun the transcription") from None
+    return out
+
+
+def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term, ks, split_terms,
+                     dist_texts: list[str], sizes, log) -> dict | None:
+    """The cascade's recall / seen / unseen / AUROC on the same queries (and glossary sizes), or None."""
+    transcripts = read_transcripts(cache, split)
+    if transcripts is None:
+        log(f"no transcripts for split {split!r} of {cache.root}: baseline skipped; make them with "
+            + TRANSCRIBE_HINT.format(cache=cache.root, split=split))
+        return None
+    from stage3_index.cascade import CascadeMatcher, rank_all, term_forms
+    g = cache.read_json("glossary.json")
+    texts = g["texts"] if g.get("text_field", "term") == "term" else None
+    forms, owner = term_forms(g["keys"], g.get("aliases", {}), texts)
+    ids_order = [str(i) for i in data.ids[:len(data)]]
+    missing = sum(i not in transcripts for i in ids_order)
+    if missing:
+        log(f"baseline: {missing} of {len(ids_order)} chunks have no transcript (scored as empty)")
+    said = [transcripts.get(i, "") for i in ids_order]
+    k = max(ks)
+    t0 = time.perf_counter()
+    ids, scores = rank_all(said, forms, owner, k)
+    secs = time.perf_counter() - t0
+    r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
+    out = {key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "auroc", "auroc_top1_correct")}
+    out["qps"] = float(len(said) / max(secs, 1e-9))
+    n_terms = len(g["keys"])
+    rows = {}
+    owner = np.asarray(owner, dtype=np.int64)
+    keep = np.isin(owner, np.asarray(sorted(split_terms), dtype=np.int64))
+    base_forms = [f for f, kf in zip(forms, keep) if kf]
+    base_owner = owner[keep]
+    for size in sorted(set(int(s) for s in sizes)):
+        n_pad = int(min(max(0, size - len(split_terms)), len(dist_texts)))
+        real = len(split_terms) + n_pad
+        if str(real) in rows or not dist_texts:
+            continue
+        f = base_forms + [normalize(t) for t in dist_texts[:n_pad]]
+        o = np.concatenate([base_owner, n_terms + np.arange(n_pad, dtype=np.int64)])
+        t0 = time.perf_counter()
+        ids_s, _ = rank_all(said, f, o, k, matcher=CascadeMatcher(f, o))
+        secs = time.perf_counter() - t0
+        _, _, h = query_hits(ids_s, data.terms[:len(data)], ks)
+        rows[str(real)] = {"recall": {str(kk): (float(h[:, i].mean()) if len(h) else None) for i, kk in enumerate(ks)},
+                           "qps": float(len(said) / max(secs, 1e-9)), "distractors": n_pad}
+    out["by_glossary_size"] = rows
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def eval_config(run_cfg: Config, config: str | Path | None = None, overrides=()) -> Config:
+    """The run's saved config, then a config file, then --set overrides (eval.* keys matter here)."""
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in overrides.items()]
+    return load_config(config, list(overrides), base=run_cfg)
+
+
+def evaluate(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
+             config: str | Path | None = None, overrides=(), factory: str | None = None, log=print) -> dict:
+    """Write the report of `run` on `split` (default eval.split) of its own feature cache, or of the
+    cache `features`, to RUN/eval/SPLIT/ or RUN/eval/CACHENAME.SPLIT/; return it (with details)."""
+    t_start = time.time()
+    run = Path(run)
+    model, ckpt, run_cfg, own, ckpt_path = load_run(run)
+    cfg = eval_config(run_cfg, config, overrides)
+    split = split or cfg.eval.split
+    factory = factory or cfg.eval.index
+    ks = sorted(set(int(k) for k in cfg.eval.ks))
+    keep_hits = cfg.eval.keep_hits
+    if features is not None and Path(features).resolve() != own.root.resolve():
+        cache = FeatureCache(features)
+        check_same_backbone(own, cache)
+        out = run / "eval" / f"{cache.root.name}.{split}"
+    else:
+        cache = own
+        out = run / "eval" / split
     if f"audio/{split}" not in cache.tables:
-        raise BadInput(f"the cache has no split {split!r}", file=cache.root)
-    out = run / "eval"
+        have = sorted(t.split("/", 1)[1] for t in cache.tables if t.startswith("audio/"))
+        raise BadInput(f"the cache has no split {split!r} (it has: {', '.join(have)})", file=cache.root,
+                       fix="choose one of those with --split")
     out.mkdir(parents=True, exist_ok=True)
-    gt = cache.table("text/glossary")
-    frames, offsets = gt.load()
-    gloss_vecs = embed(model.text, [frames[offsets[i]:offsets[i + 1]] for i in range(len(gt))])
-    n_gloss = len(gloss_vecs)
-    kmax = min(max(ks), n_gloss)
-    meta = {"checkpoint_sha256": file_sha256(ckpt_path), "factory": factory, "n": n_gloss}
+
+    keys = cache.read_json("glossary.json")["keys"]
+    n_terms = len(keys)
+    train_keys = trained_keys(own, run_cfg.train.limit)
+    norm_keys = [normalize(k) for k in keys]
+
+    def seen_term(t: int) -> bool:
+        return 0 <= t < n_terms and norm_keys[t] in train_keys
+
+    vecs, owner = embed_glossary(model, cache)
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    owner = np.asarray(owner, dtype=np.int64)
+    import hashlib
+    meta = {"vectors_sha256": hashlib.sha256(vecs.tobytes()).hexdigest(), "factory": factory, "rows": len(vecs)}
     index = load_index_if(out / "glossary.index", meta)
     build_seconds = 0.0
+    kind = factory
     if index is None:
         t0 = time.perf_counter()
-        index = build_index(gloss_vecs, factory)
+        index, kind = build_or_flat(vecs, factory, log)
         build_seconds = time.perf_counter() - t0
-        save_index(index, out / "glossary.index", meta)
+        save_index(index, out / "glossary.index", {**meta, "factory": kind} if kind != factory else meta)
     else:
         log(f"reusing the glossary index in {out / 'glossary.index'}")
 
-    test = SplitData(cache, split)
-    train_terms = set(t for ts in SplitData(cache, "train").terms for t in ts) if "audio/train" in cache.tables else set()
-    audio, scores, ids, search_s = _retrieve(model, test, index, kmax)
-    gold = test.terms
-    chunk, term, hits = query_hits(ids, gold, ks)
-    seen = np.array([t in train_terms for t in term], dtype=bool)
-    recall = {str(k): float(hits[:, i].mean()) for i, k in enumerate(ks)}
-    recall_seen = {str(k): float(hits[seen, i].mean()) if seen.any() else float("nan") for i, k in enumerate(ks)}
-    recall_unseen = {str(k): float(hits[~seen, i].mean()) if (~seen).any() else float("nan")
-                     for i, k in enumerate(ks)}
+    data = SplitData(cache, split)
+    gold = data.terms[:len(data)]
+    audio = embed(model.audio, data.audio.items(range(len(data))))
+    k = max(ks)
+    ids, scores, search_s = rank_terms(index, len(vecs), owner, audio, k)
+    r = score_ranking(ids, scores, gold, seen_term, ks)
 
-    # Glossary sizes: the split's terms plus distractors; exact search on the subset.
+    # threshold: on the run's own dev only
+    if cache is own and split == "dev":
+        threshold = None
+        note = "dev is where the threshold is picked: it is not reported on dev itself (evaluate test)"
+        log(note)
+    else:
+        notes = []
+        same = cache is own
+        threshold = dev_threshold(model, own, keep_hits, factory, k, gloss=(vecs, owner) if same else None,
+                                  index=index if same else None, log=notes.append)
+        note = notes[-1] if notes else "picked on the dev split of the run's own cache"
+        for n in notes:
+            log(n)
+    max_score, term_chunk = r["_max"], r["_term_chunk"]
+    rej = {"auroc": r["auroc"], "auroc_top1_correct": r["auroc_top1_correct"], "threshold": threshold,
+           "far": None if threshold is None else _num(false_alarm_rate(max_score[~term_chunk], threshold)),
+           "recall_at_threshold": None if threshold is None else
+           _num(recall_at_threshold(r["_hits"][:, 0], max_score[r["_chunk"]], threshold))}
+
     split_terms = sorted({t for ts in gold for t in ts})
-    by_size = {}
-    for size in sorted(set(glossary_sizes)) + [n_gloss]:
-        sub = sample_glossary(split_terms, range(n_gloss), size, seed=0)
-        if str(len(sub)) in by_size:
-            continue
-        sims = audio @ gloss_vecs[sub].T
-        top = sub[np.argsort(-sims, axis=1)[:, :min(kmax, len(sub))]]
-        _, _, h = query_hits(_pad(top, max(ks)), gold, ks)
-        by_size[str(len(sub))] = {str(k): float(h[:, i].mean()) for i, k in enumerate(ks)}
+    dist_texts: list[str] = []
+    # another corpus without distractors of its own borrows the run's: same backbone, same features
+    dist_cache = cache if "text/distractors" in cache.tables else own
+    if "text/distractors" in dist_cache.tables:
+        dist_texts = dist_cache.read_json("distractors.json")
+        dist_vecs = np.ascontiguousarray(embed_text_table(model, dist_cache, "distractors"), dtype=np.float32)
+        taken = set(norm_keys) | {normalize(a) for a in cache.read_json("glossary.json").get("aliases", {})}
+        ok = np.array([normalize(t) not in taken for t in dist_texts], dtype=bool)
+        dist_vecs, dist_texts = dist_vecs[ok], [t for t, o in zip(dist_texts, ok) if o]
+        by_size = by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs,
+                                   cfg.eval.glossary_sizes, factory, ks, log)
+    else:
+        by_size = {}
+        log(f"the cache has no distractors: no glossary-size rows; add them with `python -m stage1_extract "
+            f"extract --set data.distractors=builtin` (only that table is extracted, the audio is kept)")
 
-    # Rejection: the chunk's max score over the glossary; threshold from dev top-1 hits.
-    max_score = scores[:, 0]
-    term_chunk = np.array([bool(g) for g in gold])
-    top1_right = np.zeros(len(gold), dtype=bool)
-    top1_right[chunk[hits[:, 0]]] = True
-    rej = {"auroc": auroc(max_score[term_chunk & top1_right], max_score[~term_chunk])}
-    threshold = _dev_threshold(model, cache, index, kmax, keep_hits) if "audio/dev" in cache.tables else None
-    if threshold is None:
-        threshold = pick_threshold(max_score[top1_right], keep_hits)
-        log("no dev split: rejection threshold picked on the evaluated split itself")
-    rej["threshold"] = threshold
-    rej["far"] = false_alarm_rate(max_score[~term_chunk], threshold)
-    rej["recall_at_threshold"] = recall_at_threshold(hits[:, 0], max_score[chunk], threshold)
+    baseline = cascade_baseline(cache, split, data, seen_term, ks, split_terms, dist_texts,
+                                cfg.eval.glossary_sizes, log)
 
-    # report.json holds exactly the promised keys; what else a reader wants goes to details.json
-    report = {"recall": recall, "recall_seen": recall_seen, "recall_unseen": recall_unseen,
-              "by_glossary_size": by_size, "rejection": rej, "queries": int(len(term)),
-              "glossary_size": int(n_gloss), "qps": float(len(audio) / max(search_s, 1e-9))}
-    details = {"index": factory, "index_build_seconds": round(build_seconds, 4), "split": split,
-               "seen_queries": int(seen.sum()), "unseen_queries": int((~seen).sum()),
-               "noterm_chunks": int((~term_chunk).sum()), "checkpoint": ckpt_path.name}
+    report = {"recall": r["recall"], "recall_seen": r["recall_seen"], "recall_unseen": r["recall_unseen"],
+              "by_glossary_size": by_size, "rejection": rej, "queries": int(len(r["_term"])),
+              "glossary_size": int(n_terms), "qps": float(len(audio) / max(search_s, 1e-9)), "baseline": baseline}
+    details = {"index": kind, "index_build_seconds": round(build_seconds, 4), "split": split,
+               "features": str(cache.root), "own_cache": cache is own, "glossary_rows": int(len(vecs)),
+               "seen_queries": int(r["_seen"].sum()), "unseen_queries": int((~r["_seen"]).sum()),
+               "term_chunks": int(term_chunk.sum()), "noterm_chunks": int((~term_chunk).sum()),
+               "split_terms": len(split_terms), "threshold_note": note, "keep_hits": keep_hits,
+               "distractors": len(dist_texts), "train_limit": run_cfg.train.limit,
+               "checkpoint": ckpt_path.name, "checkpoint_sha256": file_sha256(ckpt_path)}
     full = {**report, **details}
     (out / "report.md").write_text(report_markdown(full, run.name))
     plot_report(full, max_score[term_chunk], max_score[~term_chunk], out)
     _write_json(out / "details.json", details)
     _write_json(out / "report.json", report)  # last: a report.json (what compare reads) means all is written
-    report = full
-    log(figures(queries=report["queries"], glossary=n_gloss, r1=recall["1"], r5=recall["5"], r10=recall["10"],
-                auroc=rej["auroc"], far=rej["far"], qps=report["qps"], seconds=time.time() - t_start))
-    return report
+    log(figures(queries=report["queries"], glossary=n_terms, r1=_f(r["recall"].get("1")),
+                r5=_f(r["recall"].get("5")), r10=_f(r["recall"].get("10")), auroc=_f(rej["auroc"]),
+                far=_f(rej["far"]), qps=report["qps"],
+                baseline_r5=_f((baseline or {}).get("recall", {}).get("5")), seconds=time.time() - t_start))
+    full["out"] = str(out)
+    return full
 
 
-def _pad(top: np.ndarray, k: int) -> np.ndarray:
-    if top.shape[1] >= k:
-        return top
-    return np.concatenate([top, -np.ones((len(top), k - top.shape[1]), dtype=top.dtype)], axis=1)
-
-
-def _dev_threshold(model, cache, index, kmax, keep_hits) -> float | None:
-    dev = SplitData(cache, "dev")
-    _, scores, ids, _ = _retrieve(model, dev, index, kmax)
-    chunk, _, hits = query_hits(ids, dev.terms, (1,))
-    right = np.zeros(len(dev), dtype=bool)
-    right[chunk[hits[:, 0]]] = True
-    if not right.any():
-        return None
-    return pick_threshold(scores[right, 0], keep_hits)
+def _f(x):
+    return float("nan") if x is None else float(x)
 
 
 def _write_json(path: Path, data) -> None:
@@ -160,19 +445,38 @@ def _fmt(x) -> str:
 
 def report_markdown(r: dict, name: str = "") -> str:
     ks = list(r["recall"])
-    lines = [f"## {name} ({r['split']}: {r['queries']} queries, glossary {r['glossary_size']}, index {r['index']})", "",
+    where = r["split"] if r.get("own_cache", True) else f"{Path(r['features']).name}.{r['split']}"
+    b = r.get("baseline")
+    lines = [f"## {name} ({where}: {r['queries']} queries, glossary {r['glossary_size']}, index {r['index']})", "",
              "| | " + " | ".join(f"R@{k}" for k in ks) + " | queries |", "|---" * (len(ks) + 2) + "|",
              "| all | " + " | ".join(_fmt(r["recall"][k]) for k in ks) + f" | {r['queries']} |",
              "| seen terms | " + " | ".join(_fmt(r["recall_seen"][k]) for k in ks) + f" | {r['seen_queries']} |",
              "| unseen terms | " + " | ".join(_fmt(r["recall_unseen"][k]) for k in ks) + f" | {r['unseen_queries']} |"]
-    for size, rec in r["by_glossary_size"].items():
-        lines.append(f"| glossary {size} | " + " | ".join(_fmt(rec[k]) for k in ks) + " | |")
+    if b:
+        lines += ["| cascade (ASR + fuzzy match): all | " + " | ".join(_fmt(b["recall"][k]) for k in ks) + " | |",
+                  "| cascade: seen terms | " + " | ".join(_fmt(b["recall_seen"][k]) for k in ks) + " | |",
+                  "| cascade: unseen terms | " + " | ".join(_fmt(b["recall_unseen"][k]) for k in ks) + " | |"]
+    for size, row in r["by_glossary_size"].items():
+        lines.append(f"| glossary {size} ({row['distractors']} distractors) | "
+                     + " | ".join(_fmt(row["recall"][k]) for k in ks) + f" | {row['qps']:.0f} q/s |")
+        brow = (b or {}).get("by_glossary_size", {}).get(size)
+        if brow:
+            lines.append(f"| cascade, glossary {size} | " + " | ".join(_fmt(brow["recall"][k]) for k in ks)
+                         + f" | {brow['qps']:.0f} q/s |")
     j = r["rejection"]
-    lines += ["", "| rejection | AUROC | threshold | false alarms (no-term) | recall@1 at threshold | QPS |",
-              "|---|---|---|---|---|---|",
-              f"| {r['noterm_chunks']} no-term chunks | {_fmt(j['auroc'])} | {_fmt(j['threshold'])} | "
-              f"{_fmt(j['far'])} | {_fmt(j['recall_at_threshold'])} | {r['qps']:.0f} |", ""]
-    return "\n".join(lines)
+    lines += ["", "| rejection | AUROC (all term chunks) | AUROC (top-1 correct) | threshold (dev) | "
+              "false alarms (no-term) | recall@1 at threshold | QPS |", "|---|---|---|---|---|---|---|",
+              f"| ours: {r['term_chunks']} term / {r['noterm_chunks']} no-term chunks | {_fmt(j['auroc'])} | "
+              f"{_fmt(j['auroc_top1_correct'])} | {_fmt(j['threshold'])} | {_fmt(j['far'])} | "
+              f"{_fmt(j['recall_at_threshold'])} | {r['qps']:.0f} |"]
+    if b:
+        lines.append(f"| cascade (top-1 fuzzy score) | {_fmt(b['auroc'])} | {_fmt(b.get('auroc_top1_correct'))} "
+                     f"| | | | {b['qps']:.0f} |")
+    if j["threshold"] is None:
+        lines += ["", f"No threshold: {r.get('threshold_note', '')}"]
+    if not b:
+        lines += ["", "No cascade baseline: the split has no cached transcripts."]
+    return "\n".join(lines) + "\n"
 
 
 def plot_report(r: dict, term_scores, noterm_scores, out: Path) -> None:
@@ -180,22 +484,32 @@ def plot_report(r: dict, term_scores, noterm_scores, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for size, rec in r["by_glossary_size"].items():
+    rows = [(f"glossary {r['glossary_size']} (own)", r["recall"])] + \
+        [(f"glossary {s}", row["recall"]) for s, row in r["by_glossary_size"].items()]
+    if r.get("baseline"):
+        rows.append(("cascade", r["baseline"]["recall"]))
+    for label, rec in rows:
         ks = [int(k) for k in rec]
-        ax.plot(ks, [rec[str(k)] for k in ks], marker="o", label=f"glossary {size}")
+        ax.plot(ks, [np.nan if rec[str(k)] is None else rec[str(k)] for k in ks], marker="o", label=label)
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "recall_at_k.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    bins = np.linspace(min(np.min(term_scores, initial=0), np.min(noterm_scores, initial=0)), 1, 40)
-    ax.hist(term_scores, bins=bins, alpha=0.6, density=True, label="term chunks")
-    ax.hist(noterm_scores, bins=bins, alpha=0.6, density=True, label="no-term chunks")
-    ax.axvline(r["rejection"]["threshold"], color="k", linestyle="--", label="threshold (dev)")
+    finite = np.concatenate([np.asarray(term_scores, float), np.asarray(noterm_scores, float)])
+    finite = finite[np.isfinite(finite)]
+    lo = float(min(finite.min(initial=0.0), 0.0))
+    bins = np.linspace(lo, 1, 40)
+    ax.hist(np.asarray(term_scores)[np.isfinite(term_scores)], bins=bins, alpha=0.6, density=True,
+            label="term chunks")
+    ax.hist(np.asarray(noterm_scores)[np.isfinite(noterm_scores)], bins=bins, alpha=0.6, density=True,
+            label="no-term chunks")
+    if r["rejection"]["threshold"] is not None:
+        ax.axvline(r["rejection"]["threshold"], color="k", linestyle="--", label="threshold (dev)")
     ax.set_xlabel("max score over the glossary")
     ax.legend()
     fig.tight_layout()

@@ -3,9 +3,10 @@
 Owns what the report's numbers mean:
 - Recall@K: one query per (term chunk, gold term) pair; a hit when the gold term, or any id of its
   alias group, is among the chunk's top K retrieved ids. No-term chunks are not queries.
-- Rejection: AUROC of per-chunk max scores, a threshold picked on dev, and on test the false-alarm
-  rate and the recall at that threshold. A chunk is accepted when its score >= threshold.
-- Glossary sizes: the split's terms plus random distractors from the full glossary.
+- Rejection: AUROC of per-chunk max scores (term chunks vs no-term chunks), a threshold picked on
+  dev, and on test the false-alarm rate and the recall at that threshold. A chunk is accepted when
+  its score >= threshold.
+- Glossary sizes: stage3_index/evaluate.py pads the split's terms with real distractor names.
 
 `equivalent` everywhere maps a term id to its group id (its main term's id); ids not in it are
 their own group.
@@ -115,21 +116,3 @@ def recall_at_threshold(hits_at_1, top1_scores, threshold: float) -> float:
     if hits.shape != scores.shape:
         raise ValueError(f"{hits.size} hits but {scores.size} scores; give one score per query")
     return float((hits & (scores >= threshold)).mean()) if hits.size else float("nan")
-
-
-def sample_glossary(split_term_ids: Iterable[int], all_ids: Iterable[int], size: int,
-                    seed: int = 0) -> np.ndarray:
-    """Sorted term ids for a glossary of `size`: the split's terms plus random distractors.
-
-    Every split term is kept (a query's gold term must be findable), so the result is larger than
-    `size` when the split alone exceeds it; `size >= len(all_ids)` gives the whole glossary.
-    The same seed gives the same distractors.
-    """
-    all_ids = np.unique(np.asarray(list(all_ids), dtype=np.int64))
-    if size >= all_ids.size:
-        return all_ids
-    split = np.unique(np.asarray(list(split_term_ids), dtype=np.int64))
-    others = np.setdiff1d(all_ids, split, assume_unique=True)
-    n_extra = max(0, min(size - split.size, others.size))
-    extra = np.random.default_rng(seed).choice(others, size=n_extra, replace=False)
-    return np.sort(np.concatenate([split, extra]))

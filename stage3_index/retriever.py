@@ -17,6 +17,7 @@ from shared.audio import SAMPLE_RATE, read_audio
 from shared.cache import FeatureCache
 from shared.config import config_from_dict
 from shared.heads import RetrievalModel, embed, load_model
+from shared.termside import embed_glossary
 
 
 def windows(n_samples: int, window: float, hop: float, sr: int = SAMPLE_RATE) -> list[tuple[int, int]]:
@@ -57,6 +58,7 @@ class Retriever:
     window: float = 1.92
     hop: float = 0.96
     min_votes: int = 1
+    owner: np.ndarray | None = None  # glossary row -> term id (rows are main forms and aliases)
 
     @classmethod
     def load(cls, run: str | Path, *, backbone=None, threshold: float | None = None) -> "Retriever":
@@ -65,8 +67,7 @@ class Retriever:
         model, ckpt = load_model(ckpt_path)
         cfg = config_from_dict(ckpt["config"])
         cache = FeatureCache(ckpt["spec"]["features"])
-        frames, offsets = cache.table("text/glossary").load()
-        gloss = embed(model.text, [frames[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)])
+        gloss, owner = embed_glossary(model, cache)
         g = cache.read_json("glossary.json")
         if threshold is None:
             threshold = _threshold_of(run, model, cache, cfg.eval.keep_hits)
@@ -74,7 +75,7 @@ class Retriever:
             from stage1_extract.backbones import load_backbone
             backbone = load_backbone(cfg.backbone)
         return cls(backbone, model, g["texts"] if g.get("text_field") == "term" else g["keys"], gloss,
-                   threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes)
+                   threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes, owner)
 
     def scores(self, wav: np.ndarray) -> tuple[list[tuple[float, float]], np.ndarray]:
         """Window spans in seconds and each window's similarities to every glossary term (W, G)."""
@@ -86,7 +87,8 @@ class Retriever:
     def retrieve(self, audio: str | Path | np.ndarray) -> list[dict]:
         wav = audio if isinstance(audio, np.ndarray) else read_audio(audio, allow_silent=True)
         spans, sims = self.scores(wav)
-        best = [(int(i), float(r[i])) for r, i in zip(sims, sims.argmax(axis=1))]
+        owner = self.owner if self.owner is not None else np.arange(sims.shape[1])
+        best = [(int(owner[i]), float(r[i])) for r, i in zip(sims, sims.argmax(axis=1))]
         found = vote(spans, best, self.threshold, self.min_votes)
         return [{"term": self.terms[t], "score": round(sc, 4), "start": round(s, 2), "end": round(e, 2)}
                 for t, sc, s, e in found]
@@ -94,14 +96,13 @@ class Retriever:
 
 def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
     """The dev-picked threshold from the run's report, or picked now on dev."""
-    rep = run / "eval" / "report.json"
+    rep = run / "eval" / "test" / "report.json"
     if rep.is_file():
-        return float(json.loads(rep.read_text())["rejection"]["threshold"])
-    from stage3_index.evaluate import _dev_threshold
-    from stage3_index.index import build_index
-    frames, offsets = cache.table("text/glossary").load()
-    gloss = embed(model.text, [frames[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)])
-    t = _dev_threshold(model, cache, build_index(gloss, "Flat"), min(10, len(gloss)), keep_hits)
+        t = json.loads(rep.read_text())["rejection"]["threshold"]
+        if t is not None:
+            return float(t)
+    from stage3_index.evaluate import dev_threshold
+    t = dev_threshold(model, cache, keep_hits, "Flat", log=lambda *_: None)
     return 0.0 if t is None else t
 
 

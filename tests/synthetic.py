@@ -13,6 +13,7 @@ import torch
 
 from shared.cache import FeatureCache, TablePlan, file_sha256
 from shared.manifest import Chunk, read_chunks, write_chunks
+from shared.termside import write_forms
 from shared.top_layers import save_top
 
 AUDIO_DIM, TEXT_DIM = 16, 12
@@ -67,6 +68,7 @@ def build_cache(root: Path, n_terms=40, n_train=160, n_dev=40, n_test=40, audio_
             cache.table(name).write_shard(k, ids[lo:hi], feats[lo:hi])
     cache.write_json("glossary.json", {"keys": keys, "aliases": {}, "texts": keys})
     cache.write_json("chunk_texts.json", texts)
+    write_forms(cache, "espeak", log=None)
     if audio_top:
         from transformers import Qwen2AudioEncoderConfig
         from shared.top_layers import AudioTowerTop, _config

@@ -203,7 +203,7 @@ def test_training_and_eval_refuse_a_cache_replaced_under_them(trained, tmp_path)
         with pytest.raises(BadInput, match="the feature cache changed since this run was trained") as e:
             evaluate(run, log=quiet)
         assert "manifests.train" in str(e.value)
-        assert not (run / "eval/report.json").exists()
+        assert not (run / "eval/test/report.json").exists()
     finally:
         shutil.rmtree(features)
         shutil.move(moved, features)

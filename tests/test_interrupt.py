@@ -321,7 +321,7 @@ def test_eval_killed_then_rerun_gives_the_same_report(trained_run, tmp_path):
     evaluate(ref_run, log=quiet)
     cmd = ("stage3_index", ["eval", "--run", run, "--quiet"])
     log = tmp_path / "eval.log"
-    out = run / "eval"
+    out = run / "eval" / "test"
     triggers = [
         ("the index is saved", lambda: (out / "glossary.index.json").is_file(), 0.1),
         ("a random moment", lambda: True, rng.uniform(0.05, 1.5)),
@@ -338,10 +338,10 @@ def test_eval_killed_then_rerun_gives_the_same_report(trained_run, tmp_path):
     print("kills (trigger, jitter, pid, files after the kill):", kills)
     assert any(pid is not None for _, _, pid, _ in kills), "eval finished before every kill"
     run_to_end(*cmd, log)
-    written = sorted(p.name for p in (ref_run / "eval").glob("*.json") if not p.name.startswith("glossary"))
+    written = sorted(p.name for p in (ref_run / "eval" / "test").glob("*.json") if not p.name.startswith("glossary"))
     assert "report.json" in written
     for name in written:                        # report.json (and whatever else eval writes as JSON)
-        got, want = (json.loads((r / "eval" / name).read_text()) for r in (run, ref_run))
+        got, want = (json.loads((r / "eval" / "test" / name).read_text()) for r in (run, ref_run))
         assert _no_timing(got) == _no_timing(want), name
     for name in ("report.md", "recall_at_k.png", "max_scores.png", "glossary.index"):
         assert (out / name).is_file()

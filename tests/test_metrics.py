@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stage3_index.metrics import (auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_k,
-                                  recall_at_threshold, sample_glossary)
+                                  recall_at_threshold)
 
 
 def test_recall_counts_chunk_term_pairs():
@@ -76,14 +76,3 @@ def test_false_alarms_and_recall_at_threshold():
     assert recall_at_threshold(hits, top1, threshold=0.5) == 0.5
     with pytest.raises(ValueError):
         recall_at_threshold([True], [0.1, 0.2], 0.5)
-
-
-def test_sample_glossary():
-    all_ids = range(100)
-    split = [3, 50, 97]
-    ids = sample_glossary(split, all_ids, size=10, seed=1)
-    assert len(ids) == 10 and set(split) <= set(ids.tolist()) and len(set(ids.tolist())) == 10
-    assert np.array_equal(ids, sample_glossary(split, all_ids, size=10, seed=1))
-    assert not np.array_equal(ids, sample_glossary(split, all_ids, size=10, seed=2))
-    assert np.array_equal(sample_glossary(split, all_ids, size=1000, seed=0), np.arange(100))
-    assert sample_glossary(split, all_ids, size=2, seed=0).tolist() == split
