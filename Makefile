@@ -58,15 +58,23 @@ train: extract
 
 # The run on its own test split (cache/runs/RUN/eval/test/) and on the held-out voice
 # (cache/runs/RUN/eval/demo-heldout.heldout/), each table printed with the cascade baseline under it.
-# The cascade baseline's transcripts (Whisper tiny.en, once per chunk, cached beside the features):
-# only the evaluated splits, to keep `make` within its time.
+# The cascade baseline's transcripts (Whisper tiny.en, once per chunk, cached beside the features), for the
+# evaluated splits and dev (where the weight of "ours + transcript" is picked); train is not needed.
 transcripts: extract heldout
-	$(PY) -m stage1_extract transcribe --config $(CONFIG) --split test
+	$(PY) -m stage1_extract transcribe --config $(CONFIG) --split dev --split test
 	$(PY) -m stage1_extract transcribe --config configs/demo-heldout.toml --split heldout
 
 eval: train heldout transcripts
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN) --split test $(SETS)
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN) --features cache/features/demo-heldout --split heldout $(SETS)
+
+# Every text-side variant of configs/ablation/variants.toml trained on the same cache (the pseudo-term
+# variant on its own cache, whose train manifest adds pseudo-term chunks) -> cache/ablation/ablation.md
+PSEUDO := $(DEMO)/chunks-pseudo
+ablation: extract heldout
+	@test -f $(PSEUDO)/train.jsonl || $(PY) -m stage1_extract prepare --config $(CONFIG) \
+		--split-file $(DEMO)/corpus/splits.json --out $(PSEUDO) --set data.pseudo_ratio=1.0
+	$(PY) -m stage3_index ablation --config $(CONFIG) --heldout cache/features/demo-heldout:heldout $(SETS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -146,6 +146,9 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     glossary_sizes: list[int] = field(default_factory=lambda: [1000, 10000])
     keep_hits: float = 0.9                     # threshold keeps this share of dev top-1 hits
+    # "ours + transcript": audio score + w * the cascade's fuzzy score, w picked on the run's dev split
+    # among these (needs transcripts of dev and of the evaluated split); [] = not reported
+    fusion_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
     window: float = 1.92                       # streaming retriever
     hop: float = 0.96
     min_votes: int = 1

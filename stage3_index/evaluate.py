@@ -302,6 +302,58 @@ def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term
     return out
 
 
+# ---------------------------------------------------------------- ours + transcript
+
+FUSION_DEPTH = 30        # our candidates per chunk for fusion (the cascade adds its top 10)
+
+
+def _fused_ranking(cache, split, data, audio, index, vecs, owner, weight, k, log):
+    from stage3_index.cascade import CascadeMatcher, term_forms
+    from stage3_index.fusion import fuse
+    transcripts = read_transcripts(cache, split)
+    if transcripts is None:
+        return None
+    g = cache.read_json("glossary.json")
+    texts = g["texts"] if g.get("text_field", "term") == "term" else None
+    matcher = CascadeMatcher(*term_forms(g["keys"], g.get("aliases", {}), texts))
+    fuzzy = [matcher.term_scores(transcripts.get(str(i), "")) for i in data.ids[:len(data)]]
+    ids, scores, _ = rank_terms(index, len(vecs), owner, audio, min(FUSION_DEPTH, int(owner.max()) + 1))
+    return lambda w: fuse(ids, scores, audio, vecs, owner, fuzzy, w, k)
+
+
+def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks, weights, log):
+    """Recall / seen / unseen / AUROC of our scores fused with the transcript's (stage3_index/fusion.py),
+    the weight picked on the dev split of the run's own cache; None when dev has no transcripts."""
+    from stage3_index.fusion import pick_weight
+    k = max(ks)
+    if "audio/dev" not in own.tables or read_transcripts(own, "dev") is None:
+        log("no transcripts of the run's dev split: 'ours + transcript' not reported (its weight is picked on "
+            "dev); make them with " + TRANSCRIBE_HINT.format(cache=own.root, split="dev"))
+        return None
+    if cache is own:
+        dvecs, downer, dindex = vecs, owner, index
+    else:
+        dvecs, downer = embed_glossary(model, own)
+        dindex, _ = build_or_flat(dvecs, "Flat", log)
+    dev = SplitData(own, "dev")
+    dev_audio = embed(model.audio, dev.audio.items(range(len(dev))))
+    dev_rank = _fused_ranking(own, "dev", dev, dev_audio, dindex, dvecs, downer, None, k, log)
+    dev_terms = dev.terms[:len(dev)]
+
+    def on_dev(w):
+        ids, _ = dev_rank(w)
+        _, _, h = query_hits(ids, dev_terms, ks)
+        return {str(kk): float(h[:, i].mean()) for i, kk in enumerate(ks)}
+
+    weight, tried = pick_weight(on_dev, weights)
+    ranked = _fused_ranking(cache, split, data, audio, index, vecs, owner, weight, k, log)
+    ids, scores = ranked(weight)
+    r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
+    log(f"ours + transcript: weight {weight} picked on dev (dev mean R@1/5/10 by weight: "
+        + ", ".join(f"{w}: {np.mean(list(v.values())):.3f}" for w, v in tried.items()) + ")")
+    return {**{key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "auroc")}, "weight": weight}
+
+
 # ---------------------------------------------------------------- the command
 
 def eval_config(run_cfg: Config, config: str | Path | None = None, overrides=()) -> Config:
@@ -405,10 +457,13 @@ def evaluate(run: str | Path, split: str | None = None, *, features: str | Path 
 
     baseline = cascade_baseline(cache, split, data, seen_term, ks, split_terms, dist_texts,
                                 cfg.eval.glossary_sizes, log)
+    fused = fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks,
+                         cfg.eval.fusion_weights, log) if baseline is not None and cfg.eval.fusion_weights else None
 
     report = {"recall": r["recall"], "recall_seen": r["recall_seen"], "recall_unseen": r["recall_unseen"],
               "by_glossary_size": by_size, "rejection": rej, "queries": int(len(r["_term"])),
-              "glossary_size": int(n_terms), "qps": float(len(audio) / max(search_s, 1e-9)), "baseline": baseline}
+              "glossary_size": int(n_terms), "qps": float(len(audio) / max(search_s, 1e-9)), "baseline": baseline,
+              "fused": fused}
     details = {"index": kind, "index_build_seconds": round(build_seconds, 4), "split": split,
                "features": str(cache.root), "own_cache": cache is own, "glossary_rows": int(len(vecs)),
                "seen_queries": int(r["_seen"].sum()), "unseen_queries": int((~r["_seen"]).sum()),
@@ -456,6 +511,11 @@ def report_markdown(r: dict, name: str = "") -> str:
         lines += ["| cascade (ASR + fuzzy match): all | " + " | ".join(_fmt(b["recall"][k]) for k in ks) + " | |",
                   "| cascade: seen terms | " + " | ".join(_fmt(b["recall_seen"][k]) for k in ks) + " | |",
                   "| cascade: unseen terms | " + " | ".join(_fmt(b["recall_unseen"][k]) for k in ks) + " | |"]
+    fz = r.get("fused")
+    if fz:
+        lines += [f"| ours + transcript (weight {fz['weight']} from dev): all | "
+                  + " | ".join(_fmt(fz["recall"][k]) for k in ks) + " | |",
+                  "| ours + transcript: unseen terms | " + " | ".join(_fmt(fz["recall_unseen"][k]) for k in ks) + " | |"]
     for size, row in r["by_glossary_size"].items():
         lines.append(f"| glossary {size} ({row['distractors']} distractors) | "
                      + " | ".join(_fmt(row["recall"][k]) for k in ks) + f" | {row['qps']:.0f} q/s |")

@@ -142,7 +142,8 @@ def test_the_whole_report_has_the_known_figures(own):
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/test/report.json").read_text())
     assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "by_glossary_size", "rejection", "queries",
-                            "glossary_size", "qps", "baseline"}
+                            "glossary_size", "qps", "baseline", "fused"}
+    assert rep["fused"] is None                                       # no dev transcripts: not reported
     # 7 queries: c0 alpha, c1 alpha, c2 bravo, c3 delta, c4 echo, c6 charlie, c6 echo
     assert rep["queries"] == 7 and rep["glossary_size"] == 6
     assert rep["recall"] == pytest.approx({"1": 5 / 7, "2": 1.0, "3": 1.0})
@@ -257,3 +258,20 @@ def test_a_relative_feature_path_is_found_from_the_run_folder(own, tmp_path, mon
     assert evaluate(run, log=quiet)["queries"] == 7
     with pytest.raises(BadInput, match="not found"):
         ev.resolve_features("nowhere/features", run)
+
+
+def test_ours_plus_transcript_takes_its_weight_from_dev(own):
+    cache, run = own
+    (cache.root / "transcripts/dev.jsonl").write_text("".join(
+        json.dumps({"id": f"dev{i}", "text": t}) + "\n" for i, t in enumerate(["alpha", "bravo", "charlie", ""])))
+    logs = []
+    # dev is already right at rank 1 without the transcript: every weight ties, the smallest (least ASR) wins
+    rep = evaluate(run, overrides=["eval.fusion_weights=0,0.5,2"], log=logs.append)
+    assert rep["fused"]["weight"] == 0.0 and rep["fused"]["recall"] == rep["recall"]
+    assert any("picked on dev" in m for m in logs)
+    rep = evaluate(run, overrides=["eval.fusion_weights=0.5"], log=quiet)
+    f = rep["fused"]
+    # c2: bravo 0.6 + 0.5 beats delta 0.8 (hit@1 now); c4 says "foxtrot": foxtrot 0 + 0.5 < echo 0.6 + 0.5 * 0.2
+    assert f["weight"] == 0.5 and f["recall"]["1"] == pytest.approx(6 / 7)
+    assert f["recall"]["1"] > rep["recall"]["1"]
+    assert "ours + transcript (weight 0.5 from dev)" in (run / "eval/test/report.md").read_text()

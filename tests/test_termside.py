@@ -142,3 +142,42 @@ def test_text_side_reads_a_term_table():
     assert len(dropped["gram_ids"]) == 1                                    # one n-gram always stays
     with pytest.raises(ValueError, match="text.encoders"):
         TextSide(["spelling"], None, proj_dim=8)
+
+
+@pytest.mark.parametrize("encoders", [["lm"], ["chars", "phones"], ["lm", "chars"]])
+def test_each_text_part_trains_on_a_tiny_qwen2audio_cache(tmp_path, encoders):
+    """The Qwen2-Audio path (audio tower + its Qwen2 LM as text model, random tiny weights): stage 1
+    caches the LM's token states and the forms; every text part trains on them and evaluates."""
+    from transformers import WhisperFeatureExtractor
+    from stage1_extract.extract import extract
+    from stage2_train.train import train
+    from stage3_index.evaluate import evaluate
+    from tests.test_extract import make_corpus
+    from tests.tiny import tiny_bpe_tokenizer, tiny_qwen2audio_model
+    torch.set_num_threads(1)
+    model_dir = tmp_path / "tiny-qwen2-audio"
+    tiny_qwen2audio_model(layers=2).save_pretrained(model_dir)
+    tiny_bpe_tokenizer(["say alpha beta gamma delta 0 1 2 3"]).save_pretrained(model_dir)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(model_dir)
+    base = make_corpus(tmp_path, n_train=24, n_test=6)
+    sets = [f"data.glossary={base.data.glossary}", "data.alt2main=", f"data.chunks={base.data.chunks}",
+            f"cache.root={tmp_path / 'cache'}", "backbone.kind=qwen2audio", f"backbone.audio_model={model_dir}",
+            "backbone.audio_unfreeze=1", "backbone.text_unfreeze=1", f"text.encoders={','.join(encoders)}",
+            "train.epochs=1", "train.batch_size=8", "train.proj_dim=8", "text.buckets=256", "text.bag_dim=8",
+            "eval.glossary_sizes=[]"]
+    cfg = load_config(None, sets)
+    extract(cfg, log=lambda *_: None)
+    cache = FeatureCache(tmp_path / "cache/features/demo")
+    forms = json.loads((cache.root / "forms.json").read_text())
+    assert forms["glossary"]["spell"] == ["alpha", "beta gamma", "delta"]
+    assert all(forms["glossary"]["phones"])
+    tables = term_tables(cache, {"text_encoders": encoders, "buckets": 256}, ("glossary", "chunks"))
+    assert (tables["glossary"].lm is not None) == ("lm" in encoders)
+    assert (tables["glossary"].grams is not None) == (encoders != ["lm"])
+    train(cfg, cache.root, tmp_path / "run", log=lambda *_: None)
+    ckpt = torch.load(tmp_path / "run/best.pt", weights_only=False)
+    assert ckpt["spec"]["text_encoders"] == encoders
+    assert any(k.startswith("text.bag.") for k in ckpt["model"]) == (encoders != ["lm"])
+    assert any(".top.layers.0." in k for k in ckpt["model"] if k.startswith("text.lm.")) == ("lm" in encoders)
+    report = evaluate(tmp_path / "run", "train", log=lambda *_: None)
+    assert 0.0 <= report["recall"]["10"] <= 1.0 and report["queries"] == 24
