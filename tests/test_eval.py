@@ -30,7 +30,7 @@ def test_report_has_the_promised_keys_and_sane_values(runs):
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/test/report.json").read_text())
     assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "by_glossary_size", "rejection", "queries",
-                            "glossary_size", "qps", "baseline"}
+                            "glossary_size", "qps", "baseline", "fused"}
     assert json.loads(json.dumps({k: rep[k] for k in on_disk})) == on_disk
     assert set(rep["recall"]) == {"1", "5", "10"}
     assert set(rep["rejection"]) >= {"auroc", "auroc_top1_correct", "threshold", "far", "recall_at_threshold"}
@@ -38,7 +38,7 @@ def test_report_has_the_promised_keys_and_sane_values(runs):
     assert rep["recall"]["1"] <= rep["recall"]["5"] <= rep["recall"]["10"]
     assert rep["recall"]["5"] > 0.3                        # chance is 5/60
     # the synthetic cache has neither distractors nor transcripts: no size rows, no baseline
-    assert rep["by_glossary_size"] == {} and rep["baseline"] is None
+    assert rep["by_glossary_size"] == {} and rep["baseline"] is None and rep["fused"] is None
     for name in ("report.md", "recall_at_k.png", "max_scores.png", "glossary.index"):
         assert (run / "eval/test" / name).is_file()
     assert "| seen terms |" in (run / "eval/test/report.md").read_text()
