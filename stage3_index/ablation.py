@@ -43,6 +43,22 @@ def read_variants(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def share_transcripts(src: Path, dst: Path, log=print) -> None:
+    """Copy cached transcripts of splits whose manifest is byte-identical in both caches (their chunks
+    are the same audio): a variant with other train manifests keeps the same cascade and fusion."""
+    import shutil
+    fp = json.loads((dst / "index.json").read_text())["fingerprint"]["manifests"]
+    for header in sorted((src / "transcripts").glob("*.json")) if (src / "transcripts").is_dir() else []:
+        split = header.stem
+        if (dst / "transcripts" / header.name).is_file() or \
+                json.loads(header.read_text()).get("manifest_sha256") != fp.get(split):
+            continue
+        (dst / "transcripts").mkdir(exist_ok=True)
+        shutil.copy2(src / "transcripts" / f"{split}.jsonl", dst / "transcripts" / f"{split}.jsonl")
+        shutil.copy2(header, dst / "transcripts" / header.name)     # the header last: it marks them done
+        log(f"transcripts of {split} shared from {src} (same manifest)")
+
+
 def _row(name: str, sets: list[str], test: dict, heldout: dict | None, seconds: float | None) -> dict:
     def get(d, *keys):
         for k in keys:
@@ -93,12 +109,13 @@ def table_markdown(rows: list[dict]) -> str:
 def ablation(cfg_path: str | Path | None, variants: dict[str, list[str]], base_sets=(), *, runs="cache/runs/ablation",
              out="cache/ablation", heldout=(), only=None, log=print) -> list[dict]:
     """Train and evaluate every variant (or those in `only`); return the table rows."""
-    from stage1_extract.extract import extract
+    from stage1_extract.extract import extract, features_dir
     from stage2_train.train import train
     from stage3_index.evaluate import evaluate
     runs, out = Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    base_root = None       # the first variant's cache: others with the same dev/test reuse its transcripts
     for name, sets in variants.items():
         if only and name not in only:
             continue
@@ -106,6 +123,10 @@ def ablation(cfg_path: str | Path | None, variants: dict[str, list[str]], base_s
         # a variant may read other manifests (e.g. with pseudo-term chunks): its own cache, made once;
         # for the others this only checks that the cache is complete
         extract(cfg, log=log)
+        if base_root is None:
+            base_root = features_dir(cfg)
+        else:
+            share_transcripts(base_root, features_dir(cfg), log)
         run = runs / name
         log(f"== variant {name}: {' '.join(sets) or '(base config)'} -> {run}")
         timing = run / "train_seconds.json"
