@@ -118,6 +118,9 @@ class TrainConfig:
     patience: int = 3                          # evaluations without dev R@5 gain before stopping
     seed: int = 0
     dedup_terms: bool = True                   # sampler keeps a term at most once per batch
+    augment_speed: float = 0.0                 # cached-frame augmentation (stage2_train/augment.py): speed
+    augment_mask: float = 0.0                  # change +-, share of frames masked in one span,
+    augment_noise: float = 0.0                 # noise std relative to each feature's spread; 0 = off
     pseudo_epochs: int = 0                     # pseudo-term chunks (prepare's data.pseudo_ratio) take part in
                                                # the first N epochs only (curriculum); 0 = in every epoch
     hard_k: int = 8                            # mined hard negatives per chunk

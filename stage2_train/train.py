@@ -30,6 +30,7 @@ from shared.config import Config, diff_configs, save_config
 from shared.errors import BadInput
 from shared.heads import RetrievalModel, build_model, embed, model_spec, pad_batch
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
+from stage2_train.augment import augment_frames
 from stage2_train.data import SplitData, global_batches
 from stage2_train.losses import RetrievalLoss, build_term_masks, distinct_terms, same_text_mask
 from stage2_train.mining import format_stats, mine_hard_negatives
@@ -215,7 +216,14 @@ class Trainer:
         d, B = self.train_data, self.cfg.train.batch_size
         local = batch[self.rank * B:(self.rank + 1) * B]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            x, m = pad_batch(d.audio.items(local), self.device)
+            items = d.audio.items(local)
+            t = self.cfg.train
+            if t.augment_speed or t.augment_mask or t.augment_noise:
+                # its own generator per (step, rank): nothing else's random stream moves, so ranks stay in
+                # step with each other and a resumed run draws the same augmentation
+                rng = np.random.default_rng([t.seed, self.state["step"], self.rank])
+                items = augment_frames(items, rng, t.augment_speed, t.augment_mask, t.augment_noise)
+            x, m = pad_batch(items, self.device)
             audio = _gather(self.model.audio(x, m) if len(local) else
                             torch.zeros(0, self.cfg.train.proj_dim, device=self.device), self.world)
             chunk_terms = [self.train_rows[i] for i in batch]
