@@ -295,16 +295,18 @@ def write_textgrid(path: Path, words: list[tuple[str, float, float]], duration: 
     tg.save(str(path), format="long_textgrid", includeBlankSpaces=True)
 
 
-def _run_workers(jobs: list[dict], workers: int, total: int) -> list[dict]:
+def run_groups(target, init, jobs: list[dict], workers: int, total: int, desc: str) -> list[dict]:
+    """`target(job)` for every job, each in a fresh spawned process (a fresh synthesiser, never a forked
+    copy of one: see the module docstring), with one progress bar fed through `init`'s queue."""
     from tqdm import tqdm
 
-    ctx = mp.get_context("spawn")      # a fresh libespeak-ng per group, never a forked copy
+    ctx = mp.get_context("spawn")
     progress = ctx.Queue()
     results: list[dict] = []
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,),
+    with ctx.Pool(workers, initializer=init, initargs=(progress,),
                   maxtasksperchild=1) as pool, \
-            tqdm(total=total, unit="seg", desc="synthesising", smoothing=0.1) as bar:
-        pending = {i: pool.apply_async(synthesise_group, (job,)) for i, job in enumerate(jobs)}
+            tqdm(total=total, unit="seg", desc=desc, smoothing=0.1) as bar:
+        pending = {i: pool.apply_async(target, (job,)) for i, job in enumerate(jobs)}
         while pending:
             try:
                 while True:
@@ -403,7 +405,8 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
              "out_dir": str(out_dir), "seed": seed} for g in range(PROCESS_GROUPS)]
     jobs = [j for j in jobs if j["speakers"]]
     workers = max(1, min(workers or min(2, os.cpu_count() or 1), len(jobs)))
-    segments = sorted(_run_workers(jobs, workers, len(plans)), key=lambda s: s["id"])
+    segments = sorted(run_groups(synthesise_group, _init_worker, jobs, workers, len(plans), "synthesising"),
+                      key=lambda s: s["id"])
 
     _write_json(out_dir / "glossary.json", glossary_dict(terms))
     _write_json(out_dir / "alt2main.json", alt2main(terms))

@@ -41,9 +41,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +50,7 @@ import click
 import numpy as np
 
 from shared.errors import BadInput
+from stage1_extract.demo_corpus import run_groups
 
 HELDOUT_VERSION = 1          # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
@@ -332,32 +331,6 @@ def synthesise_group(job: dict) -> list[dict]:
     return out
 
 
-def _run_groups(jobs: list[dict], workers: int, total: int) -> list[dict]:
-    from tqdm import tqdm
-
-    ctx = mp.get_context("spawn")
-    progress = ctx.Queue()
-    results: list[dict] = []
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,),
-                  maxtasksperchild=1) as pool, \
-            tqdm(total=total, unit="seg", desc="speaking (piper)", smoothing=0.1) as bar:
-        pending = {i: pool.apply_async(synthesise_group, (job,)) for i, job in enumerate(jobs)}
-        while pending:
-            try:
-                while True:
-                    bar.update(progress.get(timeout=0.2))
-            except queue.Empty:
-                pass
-            for i in [i for i, r in pending.items() if r.ready()]:
-                results += pending.pop(i).get()     # re-raises a worker's error here
-        while True:
-            try:
-                bar.update(progress.get_nowait())
-            except queue.Empty:
-                break
-    return results
-
-
 # ---------------------------------------------------------------- the corpus
 
 def _sha256(path: Path) -> str:
@@ -441,7 +414,8 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     jobs = [j for j in jobs if j["rows"]]
     workers = max(1, min(workers or min(2, os.cpu_count() or 1), len(jobs)))
     t_syn = time.perf_counter()
-    segments = sorted(_run_groups(jobs, workers, len(rows)), key=lambda s: s["id"])
+    segments = sorted(run_groups(synthesise_group, _init_worker, jobs, workers, len(rows), "speaking (piper)"),
+                      key=lambda s: s["id"])
     synthesis_seconds = time.perf_counter() - t_syn
 
     # one long file: gap, segment, gap, ... plus a faint noise floor (no digital silence), as

@@ -28,7 +28,7 @@ from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
 from shared.config import Config, diff_configs, save_config
 from shared.errors import BadInput
-from shared.heads import RetrievalModel, build_model, embed, model_spec, pad_batch
+from shared.heads import build_model, embed, model_spec, pad_batch
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
 from stage2_train.augment import augment_frames
 from stage2_train.data import SplitData, global_batches
