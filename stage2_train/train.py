@@ -187,10 +187,19 @@ class Trainer:
         if len(idx) == 0:
             return {}
         R = len(self.gloss)     # pseudo-term rows (>= R) are not searched: any glossary row is their negative
-        positives = [{r for r in self.train_rows[i] if r < R} for i in idx]
-        ids, stats = mine_hard_negatives(self.memory[idx], gloss, positives, equivalent=self.equivalent,
+        rows = np.arange(R)
+        if self.cfg.train.mine_from == "train":
+            trained = {t for ts in self.train_data.terms for t in ts}
+            rows = np.flatnonzero(np.isin(self.owner, sorted(trained)))
+        elif self.cfg.train.mine_from != "all":
+            raise BadInput(f"train.mine_from {self.cfg.train.mine_from!r}", file="config [train]",
+                           fix="use all or train")
+        local = {int(r): j for j, r in enumerate(rows)}
+        positives = [{local[r] for r in self.train_rows[i] if r in local} for i in idx]
+        ids, stats = mine_hard_negatives(self.memory[idx], gloss[rows], positives,
+                                         equivalent={j: int(self.owner[r]) for j, r in enumerate(rows)},
                                          k=self.cfg.train.hard_k)
-        self.hard[idx] = ids
+        self.hard[idx] = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
         self.mining_seconds += time.time() - t0
         return stats
 

@@ -114,3 +114,15 @@ def test_two_ranks_of_b_equal_one_rank_of_2b(features, tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_hard_negatives_can_come_from_train_terms_only(features, tmp_path):
+    tr = Trainer(cfg_for(**{"train.mine_from": "train", "train.epochs": 1}), features, tmp_path / "run", log=quiet)
+    tr.fit(stop_after=5)
+    tr.refresh_hard_negatives()
+    trained = {t for ts in tr.train_data.terms for t in ts}
+    mined = tr.hard[tr.seen]
+    assert (mined >= 0).any()
+    assert {int(tr.owner[r]) for r in mined[mined >= 0]} <= trained       # no dev/test-only term's form
+    for i in np.flatnonzero(tr.seen):                                      # never a chunk's own term
+        assert not set(tr.owner[tr.hard[i][tr.hard[i] >= 0]].tolist()) & set(tr.train_data.terms[i])
