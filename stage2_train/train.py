@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
-from shared.config import Config, diff_configs, save_config
+from shared.config import Config, config_from_dict, diff_configs, save_config
 from shared.errors import BadInput
 from shared.heads import build_model, embed, model_spec, pad_batch
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
@@ -276,8 +276,9 @@ class Trainer:
         last, best = self.run / "last.pt", self.run / "best.pt"
         metrics_path = self.run / "metrics.jsonl"
         if resume and last.is_file():
-            saved = json.loads((self.run / "config.json").read_text())
-            diff = diff_configs(saved, json.loads(json.dumps(self.cfg.to_dict())))
+            # a key added to the code after the run started counts as its default, not as a change
+            saved = config_from_dict(json.loads((self.run / "config.json").read_text())).to_dict()
+            diff = diff_configs(json.loads(json.dumps(saved)), json.loads(json.dumps(self.cfg.to_dict())))
             if diff:
                 raise BadInput("the run was started with another config: " + "; ".join(
                     f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=self.run,

@@ -109,6 +109,7 @@ def table_markdown(rows: list[dict]) -> str:
 def ablation(cfg_path: str | Path | None, variants: dict[str, list[str]], base_sets=(), *, runs="cache/runs/ablation",
              out="cache/ablation", heldout=(), only=None, log=print) -> list[dict]:
     """Train and evaluate every variant (or those in `only`); return the table rows."""
+    from shared.cache import FeatureCache
     from stage1_extract.extract import extract, features_dir
     from stage2_train.train import train
     from stage3_index.evaluate import evaluate
@@ -122,17 +123,19 @@ def ablation(cfg_path: str | Path | None, variants: dict[str, list[str]], base_s
         cfg: Config = load_config(cfg_path, list(base_sets) + sets)
         # a variant may read other manifests (e.g. with pseudo-term chunks): its own cache, made once;
         # for the others this only checks that the cache is complete
-        extract(cfg, log=log)
+        root = features_dir(cfg)
+        if not ((root / "index.json").is_file() and FeatureCache(root).complete() and (root / "forms.json").is_file()):
+            extract(cfg, log=log)
         if base_root is None:
             base_root = features_dir(cfg)
         else:
             share_transcripts(base_root, features_dir(cfg), log)
         run = runs / name
         log(f"== variant {name}: {' '.join(sets) or '(base config)'} -> {run}")
-        timing = run / "train_seconds.json"
-        t0 = time.time()
-        train(cfg, run=run, resume=True, log=log)
+        timing = run / "train_seconds.json"        # written when the variant's training has finished
         if not timing.is_file():
+            t0 = time.time()
+            train(cfg, run=run, resume=True, log=log)
             timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
         seconds = json.loads(timing.read_text())["seconds"]
         test = evaluate(run, "test", log=log)
