@@ -143,9 +143,19 @@ def ablation(cfg_path: str | Path | None, variants: dict[str, list[str]], base_s
         for features, split in heldout:
             held = evaluate(run, split, features=features, log=log)
         rows.append(_row(name, sets, test, held, seconds))
-        (out / "ablation.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "ablation.md").write_text(table_markdown(rows))
+        _write_table(out, rows, list(variants))
     return rows
+
+
+def _write_table(out: Path, rows: list[dict], order: list[str]) -> None:
+    """ablation.{json,md}: these rows, plus the rows of other variants already in the table (a run with
+    --only updates its rows and keeps the others), in the variants file's order."""
+    path = out / "ablation.json"
+    kept = {r["variant"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
+    kept.update({r["variant"]: r for r in rows})
+    table = [kept[v] for v in order if v in kept]
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    (out / "ablation.md").write_text(table_markdown(table))
 
 
 @click.command("ablation")
