@@ -393,7 +393,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                       "reusing it")
                 print(format_summary(summary))
             return summary
-    _clear(out_dir)
+    clear_outputs(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     (out_dir / "alignments").mkdir(parents=True, exist_ok=True)
 
@@ -408,9 +408,9 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     segments = sorted(run_groups(synthesise_group, _init_worker, jobs, workers, len(plans), "synthesising"),
                       key=lambda s: s["id"])
 
-    _write_json(out_dir / "glossary.json", glossary_dict(terms))
-    _write_json(out_dir / "alt2main.json", alt2main(terms))
-    _write_json(out_dir / "splits.json", {
+    write_json(out_dir / "glossary.json", glossary_dict(terms))
+    write_json(out_dir / "alt2main.json", alt2main(terms))
+    write_json(out_dir / "splits.json", {
         "dev_speakers": [s.id for s in SPEAKERS if s.split == "dev"],
         "test_speakers": [s.id for s in SPEAKERS if s.split == "test"]})
     with open(out_dir / "segments.tsv", "w", encoding="utf-8", newline="\n") as f:
@@ -428,7 +428,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
         "audio_files": len({s["speaker"] for s in segments}),
         "megabytes": round(audio_bytes / 1e6, 1),
     }
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     done.write_text(json.dumps(params) + "\n")
     summary.update(reused=False, seconds=round(time.perf_counter() - t0, 1))
     if verbose:
@@ -436,14 +436,15 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     return summary
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def _clear(out_dir: Path) -> None:
-    """Remove a previous (partial or different) corpus: only the files this module writes."""
+def clear_outputs(out_dir: Path, names=OUTPUT_NAMES) -> None:
+    """Remove a previous (partial or different) build: its DONE mark first, then only the files the
+    builder writes (`names`), never anything else in the folder."""
     (out_dir / "DONE").unlink(missing_ok=True)
-    for name in OUTPUT_NAMES:
+    for name in names:
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)

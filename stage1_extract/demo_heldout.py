@@ -50,7 +50,7 @@ import click
 import numpy as np
 
 from shared.errors import BadInput
-from stage1_extract.demo_corpus import run_groups
+from stage1_extract.demo_corpus import clear_outputs, run_groups, write_json
 
 HELDOUT_VERSION = 1          # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
@@ -398,7 +398,7 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     if not test_rows:
         raise BadInput("no segment of a test speaker in the demo corpus",
                        file=corpus_dir / "segments.tsv", fix="rebuild the demo corpus (make data)")
-    _clear(out_dir)
+    clear_outputs(out_dir, OUTPUT_NAMES)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     (out_dir / "alignments").mkdir(parents=True, exist_ok=True)
 
@@ -451,7 +451,7 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
                "synthesis_seconds": round(synthesis_seconds, 1),
                "source_segments": {s["id"]: s["source_id"] for s in segments},
                "megabytes": round((out_dir / "audio" / f"{SPEAKER}.wav").stat().st_size / 1e6, 1)}
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     done.write_text(json.dumps(params) + "\n")
     summary.update(reused=False, seconds=round(time.perf_counter() - t0, 1))
     if verbose:
@@ -467,21 +467,6 @@ def format_summary(summary: dict) -> str:
                    distinct_terms=summary["distinct_terms"], unseen_share=summary["unseen_share"],
                    hours=summary["hours"], synthesis_seconds=summary["synthesis_seconds"],
                    **({"seconds": summary["seconds"]} if "seconds" in summary else {}))
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-
-def _clear(out_dir: Path) -> None:
-    """Remove a previous (partial or different) build: only the files this module writes."""
-    (out_dir / "DONE").unlink(missing_ok=True)
-    for name in OUTPUT_NAMES:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 @click.command("demo-heldout")
