@@ -564,10 +564,11 @@ def plot_report(r: dict, term_scores, noterm_scores, out: Path) -> None:
     finite = finite[np.isfinite(finite)]
     lo = float(min(finite.min(initial=0.0), 0.0))
     bins = np.linspace(lo, 1, 40)
-    ax.hist(np.asarray(term_scores)[np.isfinite(term_scores)], bins=bins, alpha=0.6, density=True,
-            label="term chunks")
-    ax.hist(np.asarray(noterm_scores)[np.isfinite(noterm_scores)], bins=bins, alpha=0.6, density=True,
-            label="no-term chunks")
+    for scores, label in ((term_scores, "term chunks"), (noterm_scores, "no-term chunks")):
+        scores = np.asarray(scores, float)
+        scores = scores[np.isfinite(scores)]
+        if len(scores):        # a split without no-term chunks has nothing to draw (density of nothing)
+            ax.hist(scores, bins=bins, alpha=0.6, density=True, label=label)
     if r["rejection"]["threshold"] is not None:
         ax.axvline(r["rejection"]["threshold"], color="k", linestyle="--", label="threshold (dev)")
     ax.set_xlabel("max score over the glossary")
