@@ -128,6 +128,7 @@ class TermTable:
     lm: list | None                # LM tap states per source item (None when the side has no lm part)
     lm_index: np.ndarray           # (N,) item -> index into lm
     grams: list | None             # (N,) arrays of n-gram ids, or None without form parts
+    owner: np.ndarray | None = None  # glossary rows only: row -> term id
 
     def __len__(self) -> int:
         return len(self.lm_index)
@@ -209,9 +210,7 @@ def term_tables(cache: FeatureCache, spec: dict, names=("glossary", "chunks")) -
                 raise BadInput(f"forms.json has no {name!r} texts", file=cache.root,
                                fix="rerun `python -m stage1_extract extract` on this cache")
             grams = form_grams(forms[name], encoders, buckets, ngram)
-        t = TermTable(lm, np.asarray(lm_index, dtype=np.int64), grams)
-        t.owner = owner
-        out[name] = t
+        out[name] = TermTable(lm, np.asarray(lm_index, dtype=np.int64), grams, owner)
     return out
 
 

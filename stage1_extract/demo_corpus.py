@@ -380,19 +380,13 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     out_dir = Path(out_dir)
     params = _params(seed, scale)
     done = out_dir / "DONE"
-    if done.is_file() and (out_dir / "summary.json").is_file():
-        try:
-            previous = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous == params:
-            summary = json.loads((out_dir / "summary.json").read_text())
-            summary.update(reused=True, seconds=round(time.perf_counter() - t0, 3))
-            if verbose:
-                print(f"demo corpus in {out_dir} is complete (seed {seed}, scale {scale}): "
-                      "reusing it")
-                print(format_summary(summary))
-            return summary
+    summary = previous_build(out_dir, params)
+    if summary is not None:
+        summary.update(reused=True, seconds=round(time.perf_counter() - t0, 3))
+        if verbose:
+            print(f"demo corpus in {out_dir} is complete (seed {seed}, scale {scale}): reusing it")
+            print(format_summary(summary))
+        return summary
     clear_outputs(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     (out_dir / "alignments").mkdir(parents=True, exist_ok=True)
@@ -434,6 +428,20 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     if verbose:
         print(format_summary(summary, summary["seconds"]))
     return summary
+
+
+def previous_build(out_dir: Path, params: dict) -> dict | None:
+    """The summary of a complete build in `out_dir` made with the same parameters (its DONE file,
+    written last, holds them), or None: then the folder is rebuilt."""
+    done, summary = out_dir / "DONE", out_dir / "summary.json"
+    if not (done.is_file() and summary.is_file()):
+        return None
+    try:
+        if json.loads(done.read_text()) != params:
+            return None
+    except json.JSONDecodeError:
+        return None
+    return json.loads(summary.read_text())
 
 
 def write_json(path: Path, obj) -> None:

@@ -50,7 +50,7 @@ import click
 import numpy as np
 
 from shared.errors import BadInput
-from stage1_extract.demo_corpus import clear_outputs, run_groups, write_json
+from stage1_extract.demo_corpus import clear_outputs, previous_build, run_groups, write_json
 
 HELDOUT_VERSION = 1          # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
@@ -383,18 +383,13 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     test_rows = read_demo_segments(corpus_dir, "test")
     params = _params(corpus_dir, seed, term_target)
     done = out_dir / "DONE"
-    if done.is_file() and (out_dir / "summary.json").is_file():
-        try:
-            previous = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous == params:
-            summary = json.loads((out_dir / "summary.json").read_text())
-            summary.update(reused=True, seconds=round(time.perf_counter() - t0, 3))
-            if verbose:
-                print(f"held-out corpus in {out_dir} is complete (seed {seed}): reusing it")
-                print(format_summary(summary))
-            return summary
+    summary = previous_build(out_dir, params)
+    if summary is not None:
+        summary.update(reused=True, seconds=round(time.perf_counter() - t0, 3))
+        if verbose:
+            print(f"held-out corpus in {out_dir} is complete (seed {seed}): reusing it")
+            print(format_summary(summary))
+        return summary
     if not test_rows:
         raise BadInput("no segment of a test speaker in the demo corpus",
                        file=corpus_dir / "segments.tsv", fix="rebuild the demo corpus (make data)")

@@ -662,9 +662,7 @@ def synthetic_table(trainer, lm_items: list[np.ndarray]):
     if side.bag is not None:
         rng = np.random.default_rng(3)
         grams = [np.unique(rng.integers(0, side.buckets, int(rng.integers(20, 41)))) for _ in range(n)]
-    t = TermTable(lm_items if side.lm is not None else None, np.arange(n), grams)
-    t.owner = np.arange(n)
-    return t
+    return TermTable(lm_items if side.lm is not None else None, np.arange(n), grams, np.arange(n))
 
 
 def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_around: int = 5) -> tuple[dict, dict]:

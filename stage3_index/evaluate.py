@@ -307,7 +307,7 @@ def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term
 FUSION_DEPTH = 30        # our candidates per chunk for fusion (the cascade adds its top 10)
 
 
-def _fused_ranking(cache, split, data, audio, index, vecs, owner, weight, k, log):
+def _fused_ranking(cache, split, data, audio, index, vecs, owner, k):
     from stage3_index.cascade import CascadeMatcher, term_forms
     from stage3_index.fusion import fuse
     transcripts = read_transcripts(cache, split)
@@ -337,7 +337,7 @@ def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen
         dindex, _ = build_or_flat(dvecs, "Flat", log)
     dev = SplitData(own, "dev")
     dev_audio = embed(model.audio, dev.audio.items(range(len(dev))))
-    dev_rank = _fused_ranking(own, "dev", dev, dev_audio, dindex, dvecs, downer, None, k, log)
+    dev_rank = _fused_ranking(own, "dev", dev, dev_audio, dindex, dvecs, downer, k)
     dev_terms = dev.terms[:len(dev)]
 
     def on_dev(w):
@@ -346,7 +346,7 @@ def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen
         return {str(kk): float(h[:, i].mean()) for i, kk in enumerate(ks)}
 
     weight, tried = pick_weight(on_dev, weights)
-    ranked = _fused_ranking(cache, split, data, audio, index, vecs, owner, weight, k, log)
+    ranked = _fused_ranking(cache, split, data, audio, index, vecs, owner, k)
     ids, scores = ranked(weight)
     r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
     log(f"ours + transcript: weight {weight} picked on dev (dev mean R@1/5/10 by weight: "
