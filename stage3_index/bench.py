@@ -168,6 +168,7 @@ TARGETS = {
     "mining": "fraction_of_train <= 0.1",
     "index": "at 1M: recall@10 >= 0.95 of exact at >= 5x Flat QPS",
     "memory": "peak RSS does not grow with the corpus (4N within 10% of N)",
+    "stream": "window_ms_p95 <= 240 (a quarter of the 0.96 s hop) with a 10k-term glossary",
 }
 
 
@@ -186,6 +187,8 @@ def target_met(part: str, r: dict) -> bool:
         return big["ann_recall_at_10_vs_flat"] >= 0.95 and big["ann_qps"] >= 5 * big["flat_qps"]
     if part == "memory":
         return r["peak_rss_mb_4n"] <= 1.1 * r["peak_rss_mb_n"]
+    if part == "stream":
+        return r["window_ms_p95"] <= 240
     raise KeyError(part)
 
 
@@ -235,6 +238,11 @@ def format_table(report: dict, details: dict) -> str:
         r, d = report["memory"], details.get("memory", {})
         rows.append(("memory", f"peak RSS {_g(r['peak_rss_mb_n'])} MB at N={d.get('n', '?')} chunks/split, "
                      f"{_g(r['peak_rss_mb_4n'])} MB at 4N"))
+    if "stream" in report:
+        r, d = report["stream"], details.get("stream", {})
+        rows.append(("stream", f"{d.get('glossary_terms', 0):,} terms, {d.get('audio_seconds', 0):.0f} s of audio in "
+                     f"{d.get('block_ms', '?')} ms blocks: window p50 {_g(r['window_ms_p50'])} ms, p95 "
+                     f"{_g(r['window_ms_p95'])} ms, real-time factor {r['real_time_factor']:.3f}"))
     lines = [f"{'part':8s} {'met':4s} figures"]
     shown = set()
     for part, text in rows:
@@ -847,13 +855,93 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS: bytes, not kB)
 
 
+# ---------------------------------------------------------------- stream: inference latency
+
+def talk_audio(manifest: Path, seconds: float) -> np.ndarray:
+    """About `seconds` of real speech: the whole recordings behind a manifest's first chunks, end to end."""
+    from shared.audio import read_audio
+    from shared.manifest import read_chunks
+    parts, total, seen = [], 0, set()
+    for c in read_chunks(manifest):
+        if c.audio in seen:
+            continue
+        seen.add(c.audio)
+        parts.append(read_audio(c.audio, allow_silent=True))
+        total += len(parts[-1])
+        if total >= seconds * 16000:
+            break
+    return np.concatenate(parts)[:int(seconds * 16000)]
+
+
+def stream_glossary(features: Path, n_terms: int, path: Path) -> Path:
+    """A glossary file of `n_terms` (the demo's terms, then real distractor names), one per line."""
+    from shared.cache import FeatureCache
+    cache = FeatureCache(features)
+    terms = list(cache.read_json("glossary.json")["texts"])
+    if (cache.root / "distractors.json").is_file():
+        terms += cache.read_json("distractors.json")
+    if len(terms) < n_terms:
+        terms += [f"synthetic term {i}" for i in range(n_terms - len(terms))]
+    path.write_text("\n".join(terms[:n_terms]) + "\n", encoding="utf-8")
+    return path
+
+
+def bench_stream(cfg: Config, run: str | Path, out: Path, n_terms: int, seconds: float, log,
+                 block_ms: int = 20) -> tuple[dict, dict]:
+    """The live path a translator runs: `Retriever.stream()` fed `block_ms` blocks of a real recording,
+    with a glossary of `n_terms` the run never saw (embedded once before timing). Per window: the wall
+    time of the push that completed it (backbone + audio side + search); RTF = all pushes / audio."""
+    import faiss
+    import torch
+    from stage3_index.retriever import Retriever
+    run = Path(run)
+    if not run.is_dir():
+        raise BadInput("the stream part needs a trained run", file=run, fix="run make first (make train)")
+    _, features = _require_inputs(cfg)
+    manifest = Path(cfg.data.chunks) / "test.jsonl"
+    gpath = stream_glossary(features, n_terms, out / "stream_glossary.txt")
+    t0 = time.perf_counter()
+    r = Retriever.load(run, glossary=gpath, log=log)
+    load_s = time.perf_counter() - t0
+    with torch_threads(ENCODER_THREADS):
+        faiss.omp_set_num_threads(ENCODER_THREADS)
+        wav = talk_audio(manifest, seconds)
+        stream, per_window, busy, n_windows = r.stream(top_k=5), [], 0.0, 0
+        block = block_ms * 16
+        stream.push(wav[:int(r.window * 16000)])     # warm-up (first call allocates), not timed
+        stream.flush()
+        for b in range(0, len(wav), block):
+            t = time.perf_counter()
+            got = stream.push(wav[b:b + block])
+            dt = time.perf_counter() - t
+            busy += dt
+            if got:
+                per_window += [dt / len(got) * 1000] * len(got)
+                n_windows += len(got)
+        t = time.perf_counter()
+        n_windows += len(stream.flush())
+        busy += time.perf_counter() - t
+    audio_s = len(wav) / 16000
+    report = {"window_ms_p50": float(np.percentile(per_window, 50)),
+              "window_ms_p95": float(np.percentile(per_window, 95)),
+              "real_time_factor": busy / audio_s}
+    details = {"glossary_terms": len(r.glossary.terms), "glossary_rows": len(r.glossary.owner),
+               "index": r.glossary.factory, "audio_seconds": audio_s, "windows": n_windows, "block_ms": block_ms,
+               "window_s": r.window, "hop_s": r.hop, "threads": ENCODER_THREADS, "load_seconds": load_s,
+               "run": str(run), "what": "Retriever.stream() pushes of block_ms blocks of the demo's test "
+                                        "recordings; a window's time is the push that completed it"}
+    log(f"stream: {n_windows} windows over {audio_s:.0f} s, p50 {report['window_ms_p50']:.0f} ms, "
+        f"p95 {report['window_ms_p95']:.0f} ms, RTF {report['real_time_factor']:.3f}")
+    return report, details
+
+
 # ---------------------------------------------------------------- the command
 
-PARTS = ("extract", "train", "loader", "mining", "index", "memory")   # the issue's order
+PARTS = ("extract", "train", "loader", "mining", "index", "memory", "stream")   # the issues' order
 
 
 def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS, config_path: str | None = None,
-              overrides=(), log=print) -> tuple[dict, dict]:
+              overrides=(), run: str | Path = "cache/runs/demo", log=print) -> tuple[dict, dict]:
     """Run the chosen parts; write OUT/report.json and OUT/details.json; return both."""
     import faiss
     import torch
@@ -867,10 +955,12 @@ def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS,
     if unknown:
         raise BadInput(f"unknown bench parts {sorted(unknown)}", fix=f"choose from {', '.join(PARTS)}")
     size = {"extract_chunks": 200, "cached_budget_s": 40.0, "glossary": 100_000, "index": [100_000, 1_000_000],
-            "queries": 10_000, "exact_queries": {100_000: 2000, 1_000_000: 300}, "memory_n": 16}
+            "queries": 10_000, "exact_queries": {100_000: 2000, 1_000_000: 300}, "memory_n": 16,
+            "stream_terms": 10_000, "stream_seconds": 60.0}
     if quick:
         size = {"extract_chunks": 16, "cached_budget_s": 5.0, "glossary": 10_000, "index": [10_000, 100_000],
-                "queries": 1000, "exact_queries": {100_000: 300}, "memory_n": 4}
+                "queries": 1000, "exact_queries": {100_000: 300}, "memory_n": 4,
+                "stream_terms": 1000, "stream_seconds": 10.0}
         cfg = copy.deepcopy(cfg)
         cfg.train.limit, cfg.train.batch_size = 64, 16
     report, details = {}, {"quick": quick, "sizes": {k: v for k, v in size.items() if k != "exact_queries"},
@@ -909,6 +999,9 @@ def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS,
     if "memory" in parts:
         report["memory"], details["memory"] = timed("memory", bench_memory, config_path, list(overrides), out,
                                                     size["memory_n"], log)
+    if "stream" in parts:
+        report["stream"], details["stream"] = timed("stream", bench_stream, cfg, run, out, size["stream_terms"],
+                                                    size["stream_seconds"], log)
     details["load_average_at_end"] = os.getloadavg()
     report = {p: report[p] for p in PARTS if p in report}
     details["targets"] = {p: {"target": TARGETS[p], "met": target_met(p, report[p])} for p in report}
@@ -942,13 +1035,15 @@ def format_flops(rows: list[dict]) -> str:
               help="A tiny version of every part (a smoke test of a few minutes; its figures mean little).")
 @click.option("--only", default=",".join(PARTS), show_default=True,
               help="Comma-separated parts to run.")
-def bench_command(cfg: Config, out, quick, only):
+@click.option("--run", default="cache/runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="The trained run the stream part loads.")
+def bench_command(cfg: Config, out, quick, only, run):
     """Measure the design's promises against the seed's way: extract, train, loader, mining, index,
     memory. Needs the demo's manifests and feature cache (run make first). Writes OUT/report.json."""
     ctx = click.get_current_context()
     parts = tuple(p.strip() for p in only.split(",") if p.strip())
     report, details = run_bench(cfg, out, quick=quick, parts=parts, config_path=ctx.params.get("config_path"),
-                                overrides=ctx.params.get("overrides", ()), log=click.echo)
+                                overrides=ctx.params.get("overrides", ()), run=run, log=click.echo)
     click.echo("")
     click.echo(format_table(report, details))
     click.echo("")

@@ -15,7 +15,7 @@ def cli():
     \b
     eval     Recall@K (seen/unseen, glossary sizes), rejection, QPS, baseline -> RUN/eval/SPLIT/report.{json,md}
     compare  several runs side by side (config differences and metrics)
-    query    the streaming retriever on a WAV file: terms with times
+    query    a talk's glossary, top-K candidates per window of a WAV file or a live PCM stream
     bench    make bench: the design's speed and memory promises, measured as ratios in one run
     ablation train each variant of a config on the same cache; one comparison table (make ablation)
     """

@@ -37,7 +37,7 @@ from shared.cli import figures
 from shared.config import Config, config_from_dict, load_config
 from shared.errors import BadInput
 from shared.glossary import normalize
-from shared.heads import embed, load_model
+from shared.heads import checkpoint_path, embed, load_model
 from shared.termside import embed_glossary, embed_text_table, rows_to_terms
 from stage2_train.data import SplitData
 from stage3_index.index import build_index, load_index_if, save_index, search
@@ -49,14 +49,6 @@ SEARCH_BLOCK = 4096      # queries per FAISS call: memory stays (block x depth),
 
 
 # ---------------------------------------------------------------- the run and its caches
-
-def _checkpoint(run: Path) -> Path:
-    for name in ("best.pt", "last.pt"):
-        if (run / name).is_file():
-            return run / name
-    raise BadInput("no checkpoint (best.pt or last.pt) in the run folder", file=run,
-                   fix="train first: python -m stage2_train --run " + str(run))
-
 
 def resolve_features(path: str | Path, run: str | Path) -> Path:
     """The run's feature cache folder from a checkpoint's spec["features"] (see the module docstring)."""
@@ -94,7 +86,7 @@ def check_same_backbone(own: FeatureCache, other: FeatureCache) -> None:
 def load_run(run: str | Path):
     """(model, checkpoint dict, the run's Config, the run's FeatureCache, checkpoint path)."""
     run = Path(run)
-    ckpt_path = _checkpoint(run)
+    ckpt_path = checkpoint_path(run)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     root = resolve_features(ckpt["spec"]["features"], run)
     cache = FeatureCache(root)

@@ -1,13 +1,24 @@
-"""The streaming retriever: what a simultaneous translator calls at inference time.
+"""The retriever as a simultaneous translator calls it: a talk's glossary, top-K terms per window, a live stream.
 
-It slides `window`-second windows with a `hop` over a recording, runs the frozen backbone and the
-trained audio side on each, and keeps a term when it is a window's best match above the rejection
-threshold in at least `min_votes` consecutive windows. Returns `[{term, score, start, end}]`.
+Audio is cut into `window`-second windows every `hop` seconds (the last one ends at the end of the
+audio). Each window runs through the frozen backbone and the trained audio side once; its vector is
+searched in the glossary's index and the `top_k` best terms over the rejection threshold are the
+window's candidates, with the glossary entry's translations and description (what the translator's
+prompt needs). `--merge` instead lists the terms heard in a file: runs of consecutive windows won by
+the same term (`vote`).
+
+The glossary is the run's own (its cache) or any glossary file the run never saw (`glossary=`), embedded
+with the run's text side and cached beside the run, keyed by the file's sha256 and the checkpoint's.
+`Retriever.stream()` takes audio blocks of any size and gives each window as soon as it is complete,
+the same windows and candidates as `retrieve` on the whole recording.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -15,9 +26,16 @@ import numpy as np
 
 from shared.audio import SAMPLE_RATE, read_audio
 from shared.cache import FeatureCache
-from shared.config import config_from_dict
-from shared.heads import RetrievalModel, embed, load_model
-from shared.termside import embed_glossary
+from shared.config import Config, config_from_dict
+from shared.errors import BadInput
+from shared.glossary import Glossary, load_glossary
+from shared.heads import RetrievalModel, checkpoint_path, embed, load_model
+from shared.termside import (TermTable, embed_glossary, embed_table, form_grams, forms_of, glossary_forms,
+                             side_spec)
+
+SEARCH_DEPTH = 3        # rows searched per wanted term: aliases are rows of their own, folded into terms
+EMBED_BLOCK = 4096      # glossary rows embedded per block (LM states of one block only are in memory)
+WINDOW_BATCH = 16       # windows per backbone call in offline retrieval
 
 
 def windows(n_samples: int, window: float, hop: float, sr: int = SAMPLE_RATE) -> list[tuple[int, int]]:
@@ -48,50 +66,302 @@ def vote(window_spans: list[tuple[float, float]], best: list[tuple[int, float]],
     return out
 
 
+# ---------------------------------------------------------------- the glossary searched
+
+@dataclass
+class GlossaryIndex:
+    """A glossary ready to search: one row per main form and alias, `owner[row]` = term id."""
+    terms: list[str]                 # display form per term id
+    vectors: np.ndarray              # (R, P) float32, L2-normalised
+    owner: np.ndarray                # (R,) row -> term id
+    entries: list[dict] = field(default_factory=list)   # glossary entry per term id ({} when unknown)
+    factory: str = "Flat"
+    index: object = None
+
+    def __post_init__(self):
+        self.owner = np.asarray(self.owner, dtype=np.int64)
+        if not self.entries:
+            self.entries = [{} for _ in self.terms]
+        if self.index is None:
+            from stage3_index.evaluate import build_or_flat
+            self.index, self.factory = build_or_flat(self.vectors, self.factory, log=lambda *_: None)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(term ids (Q, k), -1 padded; scores (Q, k)) of the k best distinct terms per query."""
+        from stage3_index.evaluate import rank_terms
+        ids, scores, _ = rank_terms(self.index, len(self.owner), self.owner, queries, k)
+        return ids, scores
+
+    def candidate(self, term_id: int, score: float) -> dict:
+        """What the translator's prompt gets for one term: its form, score, translations, description."""
+        e = self.entries[term_id]
+        out = {"term": self.terms[term_id], "score": round(float(score), 4)}
+        tr = e.get("target_translations", e.get("translations"))
+        if isinstance(tr, dict) and tr:
+            out["translations"] = tr
+        desc = e.get("short_description", e.get("description"))
+        if isinstance(desc, str) and desc:
+            out["description"] = desc
+        return out
+
+
+def glossary_rows(gloss: Glossary, text_field: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(main texts the LM part reads per term id, form text per row, owner per row): the rows stage 1
+    would cache for this glossary (`glossary_forms` on the same dict extract writes)."""
+    texts = gloss.texts(text_field)
+    forms, owner = glossary_forms({"keys": gloss.keys, "aliases": gloss.aliases, "texts": texts,
+                                   "text_field": text_field})
+    return texts, forms, owner
+
+
+def embed_glossary_file(model: RetrievalModel, gloss: Glossary, text_field: str, g2p: str, *,
+                        text_features=None, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (R, P), owner (R,)) of a glossary the run never saw, through the run's text side.
+
+    Blocks of EMBED_BLOCK rows: forms (spelling, eSpeak phones), n-gram ids and, when the text side has an
+    LM part, `text_features(texts)` (the backbone's text tap) of the block's main terms only, so 10^6
+    terms never hold all their LM states at once."""
+    from tqdm import tqdm
+    spec = side_spec(model.text)
+    uses_lm = "lm" in spec["text_encoders"]
+    if uses_lm and text_features is None:
+        raise ValueError("this run's text side has an LM part: pass text_features (the backbone's text tap)")
+    texts, forms, owner = glossary_rows(gloss, text_field)
+    vecs = np.zeros((len(forms), model.text.proj_dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    g2p_kind = g2p if any(e == "phones" for e in spec["text_encoders"]) else "none"
+    with tqdm(total=len(forms), desc="glossary", unit="row", disable=log is None, leave=False) as bar:
+        for b in range(0, len(forms), EMBED_BLOCK):
+            rows = np.arange(b, min(b + EMBED_BLOCK, len(forms)))
+            grams = None
+            if model.text.uses_forms:
+                grams = form_grams(forms_of([forms[r] for r in rows], g2p_kind), spec["text_encoders"],
+                                   spec["buckets"], spec["ngram"])
+            lm, lm_index = None, np.zeros(len(rows), dtype=np.int64)
+            if uses_lm:
+                mains, lm_index = np.unique(owner[rows], return_inverse=True)
+                lm = text_features([texts[t] for t in mains])
+            vecs[rows] = embed_table(model.text, TermTable(lm, lm_index, grams))
+            bar.update(len(rows))
+    if log:
+        secs = time.perf_counter() - t0
+        log(f"embedded {len(gloss):,} terms ({len(forms):,} rows with aliases) in {secs:.1f} s "
+            f"({len(forms) / max(secs, 1e-9):,.0f} rows/s)")
+    return vecs, owner
+
+
+def file_sha256(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(b"\x00" if p is None else Path(p).read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- loading a run
+
+def _resolve_model_path(path: str, anchors: list[Path]) -> str:
+    """A relative model path in a run's config is relative to where the pipeline ran, an ancestor of the
+    run's feature cache (e.g. cache/models/... beside cache/features/...): found from any directory."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    for a in anchors:
+        if (a / path).exists():
+            return str(a / path)
+    return path
+
+
+def _backbone_spec(cfg: Config, features: Path):
+    from stage1_extract.backbones import BackboneSpec
+    spec = BackboneSpec.from_any(cfg.backbone).resolved()
+    anchors = list(features.resolve().parents)
+    spec.audio_model = _resolve_model_path(spec.audio_model, anchors)
+    spec.text_model = _resolve_model_path(spec.text_model, anchors)
+    return spec
+
+
 @dataclass
 class Retriever:
     backbone: object
     model: RetrievalModel
-    terms: list[str]                 # display form of each glossary id
-    glossary: np.ndarray             # (G, P) trained text-side embeddings
+    glossary: GlossaryIndex
     threshold: float
     window: float = 1.92
     hop: float = 0.96
     min_votes: int = 1
-    owner: np.ndarray | None = None  # glossary row -> term id (rows are main forms and aliases)
 
     @classmethod
-    def load(cls, run: str | Path, *, backbone=None, threshold: float | None = None) -> "Retriever":
+    def load(cls, run: str | Path, *, glossary: str | Path | None = None, alt2main: str | Path | None = None,
+             backbone=None, threshold: float | None = None, log=print) -> "Retriever":
+        """The run's model and backbone; `glossary` (any format `prepare` reads, with its `alt2main`) is
+        searched instead of the run's own, embedded once and cached in RUN/glossaries/."""
         run = Path(run)
-        ckpt_path = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+        ckpt_path = checkpoint_path(run)
         model, ckpt = load_model(ckpt_path)
         cfg = config_from_dict(ckpt["config"])
-        cache = FeatureCache(ckpt["spec"]["features"])
-        gloss, owner = embed_glossary(model, cache)
-        g = cache.read_json("glossary.json")
-        if threshold is None:
-            threshold = _threshold_of(run, model, cache, cfg.eval.keep_hits)
+        from stage3_index.evaluate import resolve_features
+        features = resolve_features(ckpt["spec"]["features"], run)
         if backbone is None:
             from stage1_extract.backbones import load_backbone
-            backbone = load_backbone(cfg.backbone)
-        return cls(backbone, model, g["texts"] if g.get("text_field") == "term" else g["keys"], gloss,
-                   threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes, owner)
+            backbone = load_backbone(_backbone_spec(cfg, features))
+        if glossary is None:
+            index = _run_glossary(model, FeatureCache(features), cfg)
+        else:
+            index = _file_glossary(run, ckpt_path, model, cfg, glossary, alt2main, backbone, log)
+        if threshold is None:
+            threshold = _threshold_of(run, model, FeatureCache(features), cfg.eval.keep_hits)
+        return cls(backbone, model, index, threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes)
 
-    def scores(self, wav: np.ndarray) -> tuple[list[tuple[float, float]], np.ndarray]:
-        """Window spans in seconds and each window's similarities to every glossary term (W, G)."""
-        spans = windows(len(wav), self.window, self.hop)
-        feats = self.backbone.audio_features([wav[s:e] for s, e in spans])
-        emb = embed(self.model.audio, feats)
-        return [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in spans], emb @ self.glossary.T
+    # ---- scoring
 
-    def retrieve(self, audio: str | Path | np.ndarray) -> list[dict]:
+    def window_vectors(self, waves: list[np.ndarray]) -> np.ndarray:
+        """(W, P) audio-side vectors of windows."""
+        if not waves:
+            return np.zeros((0, self.model.audio.proj_dim), dtype=np.float32)
+        return embed(self.model.audio, self.backbone.audio_features(waves))
+
+    def _windows(self, spans: list[tuple[int, int]], vecs: np.ndarray, top_k: int) -> list[dict]:
+        """Per window: times and the candidates over the threshold, best first."""
+        ids, scores = self.glossary.search(vecs, top_k)
+        out = []
+        for (s, e), row_ids, row_scores in zip(spans, ids, scores):
+            cands = [self.glossary.candidate(int(t), sc) for t, sc in zip(row_ids, row_scores)
+                     if t >= 0 and sc >= self.threshold]
+            out.append({"start": round(s / SAMPLE_RATE, 3), "end": round(e / SAMPLE_RATE, 3),
+                        "candidates": cands})
+        return out
+
+    def retrieve(self, audio: str | Path | np.ndarray, top_k: int | None = None) -> list[dict]:
+        """With `top_k`: every window's `{start, end, candidates: [{term, score, translations?,
+        description?}]}` (at most top_k over the threshold). Without: the terms heard, merged over
+        consecutive windows (`[{term, score, start, end}]`)."""
         wav = audio if isinstance(audio, np.ndarray) else read_audio(audio, allow_silent=True)
-        spans, sims = self.scores(wav)
-        owner = self.owner if self.owner is not None else np.arange(sims.shape[1])
-        best = [(int(owner[i]), float(r[i])) for r, i in zip(sims, sims.argmax(axis=1))]
-        found = vote(spans, best, self.threshold, self.min_votes)
-        return [{"term": self.terms[t], "score": round(sc, 4), "start": round(s, 2), "end": round(e, 2)}
-                for t, sc, s, e in found]
+        spans = windows(len(wav), self.window, self.hop)
+        results = []
+        for b in range(0, len(spans), WINDOW_BATCH):
+            part = spans[b:b + WINDOW_BATCH]
+            vecs = self.window_vectors([wav[s:e] for s, e in part])
+            results += self._windows(part, vecs, top_k or 1)
+        return results if top_k else merge_windows(results, self.min_votes)
+
+    def stream(self, top_k: int = 5) -> "Stream":
+        """A live stream: `push(samples)` blocks of any size at 16 kHz, `flush()` at the end."""
+        return Stream(self, top_k)
+
+
+def merge_windows(results: list[dict], min_votes: int = 1) -> list[dict]:
+    """The terms heard: runs of consecutive windows whose best candidate is the same term."""
+    spans = [(r["start"], r["end"]) for r in results]
+    tops = [r["candidates"][0] if r["candidates"] else None for r in results]
+    ids = {n: i for i, n in enumerate(dict.fromkeys(c["term"] for c in tops if c))}
+    best = [(ids[c["term"]], c["score"]) if c else (-1, 0.0) for c in tops]
+    found = vote(spans, best, -np.inf, min_votes)   # candidates are already over the threshold
+    by_id = {i: n for n, i in ids.items()}
+    return [{"term": by_id[t], "score": round(sc, 4), "start": round(s, 2), "end": round(e, 2)}
+            for t, sc, s, e in found]
+
+
+class Stream:
+    """Windows of a live recording, each given as soon as its last sample arrives.
+
+    The windows are those `windows()` cuts from the whole recording: starts 0, hop, 2 hop... while a
+    window fits; at `flush()`, one more ending at the end when the last one did not (or the only,
+    shorter one when the recording is shorter than a window). Only the samples later windows need are
+    kept, so memory does not grow with the talk's length."""
+
+    def __init__(self, retriever: Retriever, top_k: int = 5):
+        self.r, self.top_k = retriever, top_k
+        self.w = int(round(retriever.window * SAMPLE_RATE))
+        self.h = int(round(retriever.hop * SAMPLE_RATE))
+        self._reset()
+
+    def _reset(self):
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.buf_start = 0          # sample index of buf[0] in the recording
+        self.n = 0                  # samples received
+        self.next_start = 0         # start of the next window to give
+        self.given = 0              # windows given
+
+    def _run(self, spans: list[tuple[int, int]]) -> list[dict]:
+        waves = [self.buf[s - self.buf_start:e - self.buf_start] for s, e in spans]
+        return self.r._windows(spans, self.r.window_vectors(waves), self.top_k)
+
+    def push(self, samples: np.ndarray) -> list[dict]:
+        """Add samples (float32 mono 16 kHz, any block size); the windows completed by them."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self.buf = np.concatenate([self.buf, samples])
+        self.n += len(samples)
+        spans = []
+        while self.next_start + self.w <= self.n:
+            spans.append((self.next_start, self.next_start + self.w))
+            self.next_start += self.h
+        out = []
+        for s, e in spans:       # one window per backbone call: each is given as soon as it is ready
+            out += self._run([(s, e)])
+        self.given += len(spans)
+        # keep what the next window, or the end-aligned last one, still needs
+        keep_from = max(0, min(self.next_start, self.n - self.w))
+        if keep_from > self.buf_start:
+            self.buf = self.buf[keep_from - self.buf_start:]
+            self.buf_start = keep_from
+        return out
+
+    def flush(self) -> list[dict]:
+        """The end of the recording: the last window (ending at the end) if not given yet; resets."""
+        out = []
+        if self.n and not self.given:
+            out = self._run([(0, self.n)])
+        elif self.given and self.next_start - self.h + self.w < self.n:
+            out = self._run([(self.n - self.w, self.n)])
+        self._reset()
+        return out
+
+
+def _run_glossary(model, cache: FeatureCache, cfg: Config) -> GlossaryIndex:
+    """The run's own glossary from its cache; entries (translations) from the glossary file when it
+    is still where extraction read it."""
+    g = cache.read_json("glossary.json")
+    vecs, owner = embed_glossary(model, cache)
+    terms = g["texts"] if g.get("text_field") == "term" else g["keys"]
+    entries = []
+    src = g.get("source")
+    if src and Path(src).is_file():
+        try:
+            gl = load_glossary(src, log=None)
+            entries = [gl.entries.get(k, {}) for k in g["keys"]]
+        except BadInput:
+            entries = []
+    return GlossaryIndex(terms, vecs, owner, entries, cfg.eval.index)
+
+
+def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2main, backbone, log) -> GlossaryIndex:
+    """A glossary file through the run's text side, cached in RUN/glossaries/ (sha256 of the glossary
+    and alias files + the checkpoint's): the second load of the same talk glossary is instant."""
+    gloss = load_glossary(path, alt2main or None, log=log)
+    key = f"{file_sha256(path, alt2main)[:16]}-{file_sha256(ckpt_path)[:12]}-{cfg.data.text_field}"
+    cached = run / "glossaries" / f"{key}.npz"
+    vecs = owner = None
+    if cached.is_file():
+        try:
+            with np.load(cached) as z:
+                vecs, owner = z["vectors"], z["owner"]
+        except (OSError, ValueError, KeyError):
+            vecs = None        # torn by a killed run: embed again
+    if vecs is None or len(owner) != len(glossary_rows(gloss, cfg.data.text_field)[2]):
+        text_features = getattr(backbone, "text_features", None) if "lm" in side_spec(model.text)["text_encoders"] \
+            else None
+        vecs, owner = embed_glossary_file(model, gloss, cfg.data.text_field, cfg.text.g2p,
+                                          text_features=text_features, log=log)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + ".tmp.npz")
+        np.savez(tmp, vectors=vecs, owner=owner)
+        tmp.replace(cached)
+        (cached.with_suffix(".json")).write_text(json.dumps(
+            {"glossary": str(Path(path).resolve()), "alt2main": str(Path(alt2main).resolve()) if alt2main else None,
+             "checkpoint": str(ckpt_path.resolve()), "terms": len(gloss), "rows": len(owner)}, indent=1) + "\n")
+    elif log:
+        log(f"glossary {path}: {len(gloss):,} terms, embeddings reused from {cached}")
+    terms = [gloss.entries[k].get("term") or k for k in gloss.keys]
+    return GlossaryIndex(terms, vecs, owner, [gloss.entries[k] for k in gloss.keys], cfg.eval.index)
 
 
 def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
@@ -106,13 +376,78 @@ def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
     return 0.0 if t is None else t
 
 
+# ---------------------------------------------------------------- command line
+
+def read_talk(path: str, log) -> np.ndarray:
+    """A recording as float32 16 kHz mono; other rates and channel counts are converted, and said so."""
+    import soundfile as sf
+    from shared.audio import audio_info
+    sr, _ = audio_info(path)
+    channels = sf.info(path).channels
+    if sr != SAMPLE_RATE or channels != 1:
+        log(f"{path}: {sr} Hz, {channels} channel(s): mixed down to mono and resampled to {SAMPLE_RATE} Hz")
+    return read_audio(path, allow_silent=True)
+
+
+def pcm_blocks(stream, block_samples: int):
+    """float32 blocks of raw 16-bit little-endian mono PCM read from a binary stream until EOF."""
+    carry = b""
+    while True:
+        data = stream.read(2 * block_samples)
+        if not data:
+            break
+        data = carry + data
+        cut = len(data) - len(data) % 2
+        carry = data[cut:]
+        if cut:
+            yield np.frombuffer(data[:cut], dtype="<i2").astype(np.float32) / 32768.0
+
+
 @click.command("query")
 @click.option("--run", required=True, type=click.Path(file_okay=False), help="Run folder (cache/runs/RUN).")
-@click.option("--audio", required=True, type=click.Path(dir_okay=False), help="WAV/FLAC file to scan.")
+@click.option("--audio", required=True,
+              help="WAV/FLAC file to scan (other rates/channels are converted), or - for raw 16 kHz mono "
+                   "16-bit little-endian PCM on stdin (a live stream: each window printed when complete).")
+@click.option("--glossary", type=click.Path(dir_okay=False), default=None,
+              help="The talk's glossary (the seed's dict JSON, a JSON list, or one term per line). "
+                   "[the run's training glossary]")
+@click.option("--alt2main", type=click.Path(dir_okay=False), default=None, help="Its alias map {alias: main}.")
+@click.option("--top-k", "top_k", type=int, default=5, show_default=True,
+              help="Candidates per window (those over the threshold, best first).")
+@click.option("--merge", is_flag=True, help="Instead of windows, list the terms heard (runs of windows "
+                                            "won by the same term), with times.")
 @click.option("--threshold", type=float, default=None,
-              help="Score a window's best term must reach. [the dev-picked threshold of the run's eval]")
-def query_command(run, audio, threshold):
-    """Slide windows over AUDIO and print the glossary terms heard, with times (JSON lines)."""
-    r = Retriever.load(run, threshold=threshold)
-    for hit in r.retrieve(audio):
-        click.echo(json.dumps(hit, ensure_ascii=False))
+              help="Score a candidate must reach. [the dev-picked threshold of the run's eval]")
+@click.option("--block-ms", type=int, default=100, show_default=True, help="Read size for --audio -.")
+def query_command(run, audio, glossary, alt2main, top_k, merge, threshold, block_ms):
+    """Slide windows over AUDIO; print each window's glossary candidates (JSON lines), or with --merge the
+    terms heard with times."""
+    if top_k < 1:
+        raise BadInput(f"--top-k {top_k}", fix="give 1 or more")
+    err = lambda m: click.echo(m, err=True)  # noqa: E731 (stdout is the JSON lines)
+    r = Retriever.load(run, glossary=glossary, alt2main=alt2main, threshold=threshold, log=err)
+
+    def emit(items):
+        for item in items:
+            click.echo(json.dumps(item, ensure_ascii=False))
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    if audio == "-":
+        stream, results = r.stream(1 if merge else top_k), []
+        for block in pcm_blocks(sys.stdin.buffer, max(1, block_ms * SAMPLE_RATE // 1000)):
+            got = stream.push(block)
+            results += got
+            if not merge:
+                emit(got)
+        got = stream.flush()
+        results += got
+        emit(merge_windows(results, r.min_votes) if merge else got)
+        n = len(results)
+    else:
+        wav = read_talk(audio, err)
+        out = r.retrieve(wav, top_k=None if merge else top_k)
+        emit(out)
+        n = len(windows(len(wav), r.window, r.hop))
+    err(f"{n} windows in {time.perf_counter() - t0:.1f} s, glossary {len(r.glossary.terms):,} terms, "
+        f"threshold {r.threshold:.3f}")

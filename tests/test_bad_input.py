@@ -271,6 +271,10 @@ def test_train_and_eval_cli_bad_config_exit_2(tmp_path, capsys, monkeypatch):
     assert code == 2 and f"{tmp_path / 'nowhere'}: no feature cache here" in err
     code, err = _run_cli_inprocess(lambda: run_cli(eval_cli),
                                    ["stage3_index", "eval", "--run", str(tmp_path / "norun")], capsys, monkeypatch)
+    assert code == 2 and "run folder does not exist" in err and str(tmp_path / "norun") in err
+    (tmp_path / "norun").mkdir()
+    code, err = _run_cli_inprocess(lambda: run_cli(eval_cli),
+                                   ["stage3_index", "eval", "--run", str(tmp_path / "norun")], capsys, monkeypatch)
     assert code == 2 and "no checkpoint (best.pt or last.pt)" in err and str(tmp_path / "norun") in err
 
 

@@ -88,9 +88,14 @@ def test_targets_and_table():
                   "1000000": {"flat_qps": 90.0, "ann_qps": 4000.0, "ann_recall_at_10_vs_flat": 0.96,
                               "build_seconds": 60.0}},
         "memory": {"peak_rss_mb_n": 900.0, "peak_rss_mb_4n": 980.0},
+        "stream": {"window_ms_p50": 60.0, "window_ms_p95": 300.0, "real_time_factor": 0.07},
     }
     met = {p: target_met(p, r) for p, r in report.items()}
-    assert met == {"extract": True, "train": False, "loader": False, "mining": True, "index": True, "memory": True}
-    table = format_table(report, {"train": {"online_estimated": True, "online_batches": 1}})
-    assert "estimated from 1 batches" in table and table.count("NO") == 2
+    assert met == {"extract": True, "train": False, "loader": False, "mining": True, "index": True, "memory": True,
+                   "stream": False}
+    table = format_table(report, {"train": {"online_estimated": True, "online_batches": 1},
+                                  "stream": {"glossary_terms": 10914, "audio_seconds": 60.0, "block_ms": 20}})
+    assert "estimated from 1 batches" in table and table.count("NO") == 3
+    assert "10,914 terms" in table and "p95 300 ms" in table
+    assert target_met("stream", {"window_ms_p50": 30.0, "window_ms_p95": 200.0, "real_time_factor": 0.05})
     assert not target_met("memory", {"peak_rss_mb_n": 600.0, "peak_rss_mb_4n": 700.0})

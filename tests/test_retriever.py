@@ -1,11 +1,13 @@
-"""The streaming retriever on a synthesised WAV whose 'term' (a tone band) sounds at a known time."""
+"""The retriever on a synthesised WAV whose 'term' (a tone band) sounds at a known time: merged terms,
+top-K per window, and the live stream (same windows and candidates as the offline pass)."""
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 from shared.heads import RetrievalModel, Tower
 from shared.top_layers import IdentityTop
-from stage3_index.retriever import Retriever, vote, windows
+from stage3_index.retriever import GlossaryIndex, Retriever, vote, windows
 
 BANDS = np.array([300, 500, 800, 1200, 1800, 2500, 3300, 4500])
 
@@ -32,7 +34,9 @@ def make_retriever(threshold=0.8):
         audio.proj.bias.zero_()
     model = RetrievalModel(audio, Tower(IdentityTop(), 8, 8)).eval()
     terms = [f"term{i}" for i in range(8)]
-    return Retriever(BandBackbone(), model, terms, np.eye(8, dtype=np.float32), threshold)
+    entries = [{"term": t, "target_translations": {"de": t.upper()}} for t in terms]
+    gloss = GlossaryIndex(terms, np.eye(8, dtype=np.float32), np.arange(8), entries)
+    return Retriever(BandBackbone(), model, gloss, threshold)
 
 
 def test_windows_cover_the_recording():
@@ -66,3 +70,66 @@ def test_finds_the_term_at_the_right_time(tmp_path):
     # silence/noise alone is rejected
     sf.write(path, (0.003 * rng.standard_normal(sr * 4)).astype(np.float32), sr)
     assert make_retriever().retrieve(path) == []
+
+
+def talk(seconds=8.0, seed=0):
+    """Noise with term5 from 2.0 to 4.0 s and term2 (weaker) from 5.0 to 6.5 s."""
+    sr = 16000
+    rng = np.random.default_rng(seed)
+    wav = 0.003 * rng.standard_normal(int(sr * seconds))
+    for band, a, b, amp in ((5, 2.0, 4.0, 0.3), (2, 5.0, 6.5, 0.2)):
+        if b <= seconds:
+            t = np.arange(int((b - a) * sr)) / sr
+            wav[int(a * sr):int(a * sr) + len(t)] += amp * np.sin(2 * np.pi * BANDS[band] * t)
+    return wav.astype(np.float32)
+
+
+def test_top_k_per_window_gives_candidates_over_threshold_with_translations():
+    r = make_retriever(threshold=0.3)
+    out = r.retrieve(talk(), top_k=3)
+    assert [(w["start"], w["end"]) for w in out] == [(s / 16000, e / 16000) for s, e in windows(8 * 16000, 1.92, 0.96)]
+    for w in out:
+        scores = [c["score"] for c in w["candidates"]]
+        assert len(scores) <= 3 and scores == sorted(scores, reverse=True) and all(s >= 0.3 for s in scores)
+    during = [w for w in out if w["start"] >= 1.9 and w["end"] <= 4.1]   # [1.92, 3.84]
+    assert during and all(w["candidates"][0]["term"] == "term5" for w in during)
+    assert during[0]["candidates"][0]["translations"] == {"de": "TERM5"}
+    assert any(w["candidates"] and w["candidates"][0]["term"] == "term2" for w in out if w["start"] >= 4.5)
+    assert all(not w["candidates"] for w in out if w["end"] <= 1.9)     # noise alone: rejected
+
+
+@pytest.mark.parametrize("seconds", [1.0, 1.92, 2.88, 8.0, 8.3])
+@pytest.mark.parametrize("block", [320, 8000, "random"])
+def test_stream_equals_offline(seconds, block):
+    r = make_retriever(threshold=0.3)
+    wav = talk(seconds, seed=1)
+    offline = r.retrieve(wav, top_k=3)
+    stream, got, pos = r.stream(top_k=3), [], 0
+    rng = np.random.default_rng(2)
+    while pos < len(wav):
+        n = int(rng.integers(1, 12000)) if block == "random" else block
+        got += stream.push(wav[pos:pos + n])
+        pos += n
+    got += stream.flush()
+    assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
+    for a, b in zip(got, offline):
+        assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
+        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]],
+                                   atol=2e-4)
+    # windows come out as soon as complete: after 2.0 s of audio the window [0, 1.92] is out
+    s2 = r.stream(top_k=3)
+    first = s2.push(wav[:32000]) if len(wav) >= 32000 else []
+    assert len(first) == (1 if len(wav) >= 32000 else 0)
+    assert len(s2.buf) <= int(1.92 * 16000) + 32000     # memory bounded by a window and a block
+
+
+def test_stream_merge_matches_offline_merge():
+    from stage3_index.retriever import merge_windows
+    r = make_retriever()
+    wav = talk()
+    stream = r.stream(top_k=1)
+    wins = []
+    for b in range(0, len(wav), 4000):
+        wins += stream.push(wav[b:b + 4000])
+    wins += stream.flush()
+    assert merge_windows(wins) == r.retrieve(wav) and [h["term"] for h in r.retrieve(wav)][0] == "term5"
