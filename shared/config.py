@@ -116,6 +116,7 @@ class TrainConfig:
     learn_temperature: bool = True
     eval_every: int = 0                        # steps; 0 = once per epoch
     patience: int = 3                          # evaluations without dev R@5 gain before stopping
+    tensorboard: bool = False                  # scalars to RUN/tensorboard too (needs the tensorboard package)
     seed: int = 0
     dedup_terms: bool = True                   # sampler keeps a term at most once per batch
     augment_speed: float = 0.0                 # cached-frame augmentation (stage2_train/augment.py): speed

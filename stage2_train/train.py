@@ -31,6 +31,7 @@ from shared.errors import BadInput
 from shared.heads import build_model, embed, model_spec, pad_batch
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
 from stage2_train.augment import augment_frames
+from stage2_train.curves import TensorBoard, plot_run
 from stage2_train.data import SplitData, global_batches
 from stage2_train.losses import RetrievalLoss, build_term_masks, distinct_terms, same_text_mask
 from stage2_train.mining import format_stats, mine_hard_negatives
@@ -295,6 +296,7 @@ class Trainer:
         if self.state["done"]:
             self.log("run already finished")
             return self.state
+        self.tensorboard = TensorBoard(self.run, t.tensorboard and self.rank == 0, self.log)
         t0 = time.time()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
                    disable=self.rank != 0, mininterval=1.0)
@@ -317,6 +319,7 @@ class Trainer:
                 if self.rank == 0:
                     _append(metrics_path, {"type": "step", "step": self.state["step"], "epoch": self.state["epoch"],
                                            **{k: round(v, 6) for k, v in parts.items()}})
+                    self.tensorboard.scalars("train", parts, self.state["step"])
                 epoch_end = self.state["batch"] == len(batches)
                 if epoch_end:
                     self.state["epoch"] += 1
@@ -326,12 +329,16 @@ class Trainer:
                     self._evaluate_and_save(metrics_path, best, last)
                 if stop_after is not None and steps_this_call >= stop_after:
                     bar.close()
+                    self.tensorboard.close()
                     return self.state
                 if self.state["done"] or epoch_end:
                     break
         self.state["done"] = True
         self.save(last, full=True)
         bar.close()
+        self.tensorboard.close()
+        if self.rank == 0:
+            plot_run(self.run)
         wall = time.time() - t0
         if self.rank == 0:
             self.log(figures(steps=self.state["step"], epochs=self.state["epoch"], wall_s=wall,
@@ -345,6 +352,8 @@ class Trainer:
         if ev:
             if self.rank == 0:
                 _append(metrics_path, {"type": "eval", "step": self.state["step"], "epoch": self.state["epoch"], **ev})
+                self.tensorboard.scalars("dev", ev, self.state["step"])
+                plot_run(self.run)          # curves.png follows the run, evaluation by evaluation
                 self.log(f"step {self.state['step']} epoch {self.state['epoch']}: dev R@1 {ev['dev_r1']:.3f} "
                          f"R@5 {ev['dev_r5']:.3f} R@10 {ev['dev_r10']:.3f}")
             if ev["dev_r5"] > self.state["best_r5"]:

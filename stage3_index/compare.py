@@ -49,6 +49,8 @@ def compare(runs: list[str | Path], out: str | Path | None = None, log=print, sp
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(table)
         _plot(rows, out / "compare.png")
+        from stage2_train.curves import plot_dev_curves
+        plot_dev_curves({Path(r).name: r for r in runs}, out / "dev_curves.png")
     return table
 
 
