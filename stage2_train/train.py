@@ -29,13 +29,13 @@ from shared.cli import config_options, figures
 from shared.config import Config, config_from_dict, diff_configs, save_config
 from shared.errors import BadInput
 from shared.heads import build_model, embed, model_spec, pad_batch
+from shared.metrics import recall_at_k
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
 from stage2_train.augment import augment_frames
 from stage2_train.curves import TensorBoard, plot_run
 from stage2_train.data import SplitData, global_batches
 from stage2_train.losses import RetrievalLoss, build_term_masks, distinct_terms, same_text_mask
 from stage2_train.mining import format_stats, mine_hard_negatives
-from stage3_index.metrics import recall_at_k
 
 
 def _dist_setup() -> tuple[int, int]:

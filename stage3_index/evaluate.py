@@ -41,7 +41,7 @@ from shared.heads import checkpoint_path, embed, load_model
 from shared.termside import embed_glossary, embed_text_table, rows_to_terms
 from stage2_train.data import SplitData
 from stage3_index.index import build_index, load_index_if, save_index, search
-from stage3_index.metrics import auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold
+from shared.metrics import auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold
 
 # What makes two caches' features comparable: same models and weights, taps, text field, features.
 BACKBONE_KEYS = ("backbone", "text_field", "feature_settings", "dtype", "cache_version")

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from stage3_index.metrics import (auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_k,
+from shared.metrics import (auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_k,
                                   recall_at_threshold)
 
 

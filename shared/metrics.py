@@ -1,4 +1,4 @@
-"""Evaluation metrics of stage 3, as pure functions on ids and scores.
+"""Retrieval metrics as pure functions on ids and scores (training's dev evaluation and stage 3's report).
 
 Owns what the report's numbers mean:
 - Recall@K: one query per (term chunk, gold term) pair; a hit when the gold term, or any id of its
