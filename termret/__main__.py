@@ -1,0 +1,4 @@
+"""`python -m termret ...` = `termret ...`."""
+from termret.cli import main
+
+main()
