@@ -33,7 +33,7 @@ models: setup
 	$(PY) -m stage1_extract convert-models
 
 data: setup
-	$(PY) -m stage1_extract demo-corpus --out $(DEMO)/corpus
+	$(PY) -m demo corpus --out $(DEMO)/corpus
 	@if [ -f $(DEMO)/chunks/test.jsonl ] && [ $(DEMO)/chunks/test.jsonl -nt $(DEMO)/corpus/DONE ]; then \
 		echo "manifests in $(DEMO)/chunks are up to date (reused)"; \
 	else \
@@ -47,7 +47,7 @@ extract: data models
 # speaker uses -> cache/demo/heldout/chunks/heldout.jsonl -> cache/features/demo-heldout.
 HELDOUT := $(DEMO)/heldout
 heldout: data models
-	$(PY) -m stage1_extract demo-heldout --corpus $(DEMO)/corpus --out $(HELDOUT)/corpus
+	$(PY) -m demo heldout --corpus $(DEMO)/corpus --out $(HELDOUT)/corpus
 	@if [ -f $(HELDOUT)/chunks/heldout.jsonl ] && [ $(HELDOUT)/chunks/heldout.jsonl -nt $(HELDOUT)/corpus/DONE ]; then \
 		echo "manifest $(HELDOUT)/chunks/heldout.jsonl is up to date (reused)"; \
 	else \

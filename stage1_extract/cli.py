@@ -12,8 +12,6 @@ def cli():
 
     \b
     prepare      MFA alignments + glossary -> term-chunk manifests (train/dev/test.jsonl)
-    demo-corpus  synthesise the offline demo corpus in the users' input formats
-    demo-heldout speak the demo's test transcripts with a held-out neural voice (Piper)
     extract      run the frozen backbone once over chunks and glossary, cache hidden states
     verify       check every shard of a feature cache against its checksum
     transcribe   transcribe every chunk once with the backbone's own ASR (cascade baseline)
@@ -24,12 +22,10 @@ def cli():
 def _register():
     # Commands live beside the code they drive.
     from stage1_extract.convert_whisper import convert_models_command
-    from stage1_extract.demo_corpus import demo_corpus_command
-    from stage1_extract.demo_heldout import demo_heldout_command
     from stage1_extract.extract import extract_command, verify_command
     from stage1_extract.prepare import prepare_command
     from stage1_extract.transcribe import transcribe_command
-    for cmd in (convert_models_command, prepare_command, demo_corpus_command, demo_heldout_command,
+    for cmd in (convert_models_command, prepare_command,
                 extract_command, verify_command, transcribe_command):
         cli.add_command(cmd)
 

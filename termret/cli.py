@@ -10,8 +10,8 @@ from shared.cli import run_cli
 
 # command -> (module, click object); the order is the pipeline's
 COMMANDS = {
-    "demo-corpus": ("stage1_extract.demo_corpus", "demo_corpus_command"),
-    "demo-heldout": ("stage1_extract.demo_heldout", "demo_heldout_command"),
+    "demo-corpus": ("demo.corpus", "demo_corpus_command"),
+    "demo-heldout": ("demo.heldout", "demo_heldout_command"),
     "convert-models": ("stage1_extract.convert_whisper", "convert_models_command"),
     "prepare": ("stage1_extract.prepare", "prepare_command"),
     "extract": ("stage1_extract.extract", "extract_command"),

@@ -14,11 +14,11 @@ import soundfile as sf
 from click.testing import CliRunner
 from praatio import textgrid
 
-from stage1_extract import demo_corpus as dc
-from stage1_extract.demo_glossary import alt2main, glossary_dict, lexicon, load_demo_terms
-from stage1_extract.demo_text import (FILLERS, NO_TERM, ONE_TERM, TWO_TERM, SegmentText,
+from demo import corpus as dc
+from demo.glossary import alt2main, glossary_dict, lexicon, load_demo_terms
+from demo.text import (FILLERS, NO_TERM, ONE_TERM, TWO_TERM, SegmentText,
                                       compose, holds_exactly, term_ngrams, word_label)
-from stage1_extract.tts import SAMPLE_RATE, Synth, english_voices, word_times
+from demo.tts import SAMPLE_RATE, Synth, english_voices, word_times
 
 SILENCES = {"", "sil", "sp", "<eps>"}
 

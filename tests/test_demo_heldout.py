@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from shared.errors import BadInput
 from shared.glossary import load_glossary
 from shared.manifest import read_chunks
-from stage1_extract import demo_heldout as dh
+from demo import heldout as dh
 from stage1_extract.extract import find_manifests
 from stage1_extract.prepare import find_terms, prepare, read_words
 
@@ -186,8 +186,7 @@ def test_split_name_rules(built, tmp_path):
 
 
 def test_cli_registers_the_command():
-    from stage1_extract.cli import _register, cli
+    from termret.cli import cli
 
-    _register()
     result = CliRunner().invoke(cli, ["demo-heldout", "--help"])
     assert result.exit_code == 0 and "--terms" in result.output and "--corpus" in result.output

@@ -10,9 +10,6 @@ from click.testing import CliRunner
 from termret.cli import COMMANDS, cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# how the README invokes a command -> the termret command name (None: the word after it is the name)
-PREFIXES = {"python -m stage1_extract": None, "python -m stage3_index": None, "termret": None,
-            "python -m stage2_train": "train", "-m stage2_train": "train", "-m stage1_extract": None}
 
 
 def command_lines(text: str) -> list[tuple[int, str]]:
@@ -39,11 +36,13 @@ def invocations(text: str) -> list[tuple[int, str, list[str]]]:
     found = []
     for n, line in command_lines(text):
         for m in re.finditer(r"(?:python -m stage1_extract|python -m stage3_index|(?<![\w-])termret"
-                             r"|-m stage2_train|-m stage1_extract)\b([^|;&#]*)", line):
+                             r"|-m stage2_train|-m stage1_extract|python -m demo)\b([^|;&#]*)", line):
             head = m.group(0)[:len(m.group(0)) - len(m.group(1))].strip()
             words = m.group(1).split()
             if "stage2_train" in head:
                 name = "train"
+            elif head == "python -m demo" and words and not words[0].startswith("-"):
+                name = "demo-" + words[0]
             elif words and not words[0].startswith("-"):
                 name = words[0]
             else:
@@ -96,7 +95,7 @@ def test_every_stage_command_is_under_termret():
     from stage3_index.cli import _register as reg3, cli as cli3
     reg1()
     reg3()
-    assert set(cli1.commands) | set(cli3.commands) | {"train"} == set(COMMANDS)
+    assert set(cli1.commands) | set(cli3.commands) | {"train", "demo-corpus", "demo-heldout"} == set(COMMANDS)
 
 
 def test_the_installed_command_works_from_another_directory(tmp_path):

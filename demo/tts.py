@@ -115,7 +115,7 @@ class _Engine:
         lib = self.lib
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}; "
-                             "see stage1_extract.tts.english_voices()")
+                             "see demo.tts.english_voices()")
         for param, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch),
                              (_PARAM_RANGE, pitch_range), (_PARAM_VOLUME, volume),
                              (_PARAM_WORDGAP, 0)):

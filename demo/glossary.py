@@ -1,6 +1,6 @@
 """The demo glossary: real-world terms a speech translator must get right.
 
-Owns `demo_data/terms.tsv` (term, category, one-sentence description, aliases separated by
+Owns `demo/data/terms.tsv` (term, category, one-sentence description, aliases separated by
 ";") and its conversion into the users' glossary formats: the seed's dict keyed by the lowercased
 term, and `alt2main.json` mapping each lowercased alias to its lowercased main term.
 
@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-TERMS_TSV = Path(__file__).with_name("demo_data") / "terms.tsv"
+TERMS_TSV = Path(__file__).with_name("data") / "terms.tsv"
 CATEGORIES = ("technology", "drug", "medical", "company", "place", "person", "science",
               "organization", "economics", "law")
 

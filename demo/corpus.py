@@ -33,8 +33,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .demo_glossary import DemoTerm, alt2main, glossary_dict, lexicon, load_demo_terms
-from .demo_text import SegmentText, compose, estimate_seconds, holds_exactly
+from demo.glossary import DemoTerm, alt2main, glossary_dict, lexicon, load_demo_terms
+from demo.text import SegmentText, compose, estimate_seconds, holds_exactly
 
 CORPUS_VERSION = 2             # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
@@ -180,7 +180,7 @@ def candidates_for(terms: list[tuple[str, str]], speaker: Speaker, lead_tail: fl
     found = (fitting + other)[:N_CANDIDATES]
     if not found:
         raise RuntimeError(f"no carrier sentence holds exactly {terms}; a template word forms a "
-                           "glossary term with it: edit demo_text.py or demo_data/terms.tsv")
+                           "glossary term with it: edit demo/text.py or demo/data/terms.tsv")
     return tuple(found)
 
 
@@ -219,7 +219,7 @@ def _init_worker(progress_queue) -> None:
 
 def synthesise_group(job: dict) -> list[dict]:
     """Synthesise a fixed group of speakers, in order; run it in a fresh process."""
-    from .tts import Synth
+    from demo.tts import Synth
 
     synth = Synth(SAMPLE_RATE)
     return [seg for speaker, plans in job["speakers"]
@@ -461,7 +461,7 @@ def clear_outputs(out_dir: Path, names=OUTPUT_NAMES) -> None:
 
 
 @click.command("demo-corpus")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="cache/demo",
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="cache/demo/corpus",
               show_default=True, help="Folder for the corpus (segments.tsv, audio/, alignments/, "
               "glossary.json, alt2main.json, splits.json).")
 @click.option("--seed", type=int, default=0, show_default=True,
