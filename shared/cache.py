@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import write_json_atomic
 from shared.errors import BadInput
 
 CACHE_VERSION = 1
@@ -103,9 +104,7 @@ def shard_checksum(frames: np.ndarray, offsets: np.ndarray) -> str:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, data, indent=1)
 
 
 def file_sha256(path: str | Path) -> str:

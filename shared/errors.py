@@ -6,7 +6,6 @@ running on millions of chunks can find the culprit without a debugger.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 
@@ -59,12 +58,10 @@ class RejectLog:
     def write(self) -> None:
         if self.path is None or not self.items:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")  # a killed run leaves no torn file
-        with open(tmp, "w", encoding="utf-8") as f:
+        from shared.atomic import atomic_path
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for item in self.items:
                 f.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
-        tmp.replace(self.path)
 
     def summary(self) -> str:
         if not self.items:

@@ -276,10 +276,7 @@ def read_chunks(path: str | Path, glossary: Glossary | None = None, *, skip_bad:
 
 def write_chunks(chunks: list[Chunk], path: str | Path) -> None:
     """Write a manifest atomically (temp file, then rename): a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    from shared.atomic import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for c in chunks:
             f.write(c.to_json() + "\n")
-    tmp.replace(path)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.atomic import atomic_path, write_json_atomic
+
 FORMAT = "top_layers/1"
 
 
@@ -145,13 +147,10 @@ def save_top(path_prefix: str | Path, kind: str, n_layers: int, config: dict | N
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     # each file under a temporary name, then renamed; the .json last: a killed export never leaves a
     # pair that looks complete (extract re-exports when a .json is missing)
-    weights, tmp = Path(str(prefix) + ".safetensors"), Path(str(prefix) + ".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(weights)
+    with atomic_path(Path(str(prefix) + ".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
     meta = {"format": FORMAT, "kind": kind, "n_layers": n_layers, **info, "config": config}
-    tmp = Path(str(prefix) + ".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(Path(str(prefix) + ".json"))
+    write_json_atomic(Path(str(prefix) + ".json"), meta, indent=2)
 
 
 def load_top(path_prefix: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from shared.atomic import write_text_atomic
 from shared.cache import file_sha256
 from shared.cli import config_options, figures
 from shared.config import Config
@@ -210,9 +210,7 @@ def load_asr(cfg: Config):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def transcripts_dir(cfg: Config, out: str | Path | None = None) -> Path:

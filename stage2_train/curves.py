@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared.atomic import atomic_path
+
 LOSS_PARTS = ("total", "audio_text", "audio_term", "hard", "reject")
 DEV_KEYS = ("dev_r1", "dev_r5", "dev_r10")
 
@@ -66,10 +68,9 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path | None:
     ax_dev.set_title("dev recall")
     fig.tight_layout()
     out = Path(out) if out else run / "curves.png"
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from shared.atomic import atomic_path
 from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
 from shared.config import Config, config_from_dict, diff_configs, save_config
@@ -149,9 +150,8 @@ class Trainer:
             ckpt.update(opt=self.opt.state_dict(), memory=self.memory, seen=self.seen, hard=self.hard,
                         rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                              "python": random.getstate()})
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        tmp.replace(path)  # a killed save never leaves a checkpoint that looks finished
+        with atomic_path(path) as tmp:    # a killed save never leaves a checkpoint that looks finished
+            torch.save(ckpt, tmp)
 
     def load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)

@@ -892,7 +892,6 @@ def bench_stream(cfg: Config, run: str | Path, out: Path, n_terms: int, seconds:
     with a glossary of `n_terms` the run never saw (embedded once before timing). Per window: the wall
     time of the push that completed it (backbone + audio side + search); RTF = all pushes / audio."""
     import faiss
-    import torch
     from stage3_index.retriever import Retriever
     run = Path(run)
     if not run.is_dir():

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.atomic import write_json_atomic
 from shared.cache import FeatureCache, file_sha256, fingerprint_diff
 from shared.cli import figures
 from shared.config import Config, config_from_dict, load_config
@@ -481,9 +482,7 @@ def _f(x):
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data, indent=2)
 
 
 def _fmt(x) -> str:

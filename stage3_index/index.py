@@ -8,6 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from shared.atomic import atomic_path, write_json_atomic
 from shared.errors import BadInput
 
 
@@ -67,10 +68,9 @@ def save_index(index, path: str | Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and \
         "Gpu" in type(index).__name__ else index
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(cpu, str(tmp))
-    tmp.replace(path)
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=1) + "\n")
+    with atomic_path(path) as tmp:
+        faiss.write_index(cpu, str(tmp))
+    write_json_atomic(Path(str(path) + ".json"), meta)
 
 
 def load_index_if(path: str | Path, meta: dict):

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from shared.atomic import atomic_path, write_json_atomic
 from shared.audio import SAMPLE_RATE, read_audio
 from shared.cache import FeatureCache
 from shared.config import Config, config_from_dict
@@ -351,13 +352,11 @@ def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2mai
             else None
         vecs, owner = embed_glossary_file(model, gloss, cfg.data.text_field, cfg.text.g2p,
                                           text_features=text_features, log=log)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + ".tmp.npz")
-        np.savez(tmp, vectors=vecs, owner=owner)
-        tmp.replace(cached)
-        (cached.with_suffix(".json")).write_text(json.dumps(
-            {"glossary": str(Path(path).resolve()), "alt2main": str(Path(alt2main).resolve()) if alt2main else None,
-             "checkpoint": str(ckpt_path.resolve()), "terms": len(gloss), "rows": len(owner)}, indent=1) + "\n")
+        with atomic_path(cached) as tmp:
+            np.savez(tmp, vectors=vecs, owner=owner)
+        write_json_atomic(cached.with_suffix(".json"), {
+            "glossary": str(Path(path).resolve()), "alt2main": str(Path(alt2main).resolve()) if alt2main else None,
+            "checkpoint": str(ckpt_path.resolve()), "terms": len(gloss), "rows": len(owner)})
     elif log:
         log(f"glossary {path}: {len(gloss):,} terms, embeddings reused from {cached}")
     terms = [gloss.entries[k].get("term") or k for k in gloss.keys]

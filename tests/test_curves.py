@@ -1,10 +1,8 @@
 """Training curves: curves.png beside metrics.jsonl at each evaluation, TensorBoard scalars when asked for,
 dev curves of several runs overlaid by compare."""
-import json
 import sys
 import types
 
-import numpy as np
 import pytest
 
 from stage2_train import curves
