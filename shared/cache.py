@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import write_json_atomic
+from shared.config import diff_configs
 from shared.errors import BadInput
 
 CACHE_VERSION = 1
@@ -361,15 +362,9 @@ class FeatureCache:
             t.close()
 
 
-def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += fingerprint_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: cache has {_short(a)}, config gives {_short(b)}")
-    return out
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """What differs between a cache's fingerprint and the one the config gives, one line per key."""
+    return [f"{k}: cache has {_short(a)}, config gives {_short(b)}" for k, (a, b) in diff_configs(old, new).items()]
 
 
 def _short(v) -> str:

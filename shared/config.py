@@ -272,8 +272,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train.lr": ..., ...} from nested dicts (configs, fingerprints)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def diff_configs(a: dict, b: dict, prefix: str = "") -> dict:
-    """Keys whose values differ between two resolved configs: {key: (a, b)}."""
+    """Keys whose values differ between two nested dicts (resolved configs, fingerprints): {key: (a, b)}."""
     out = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)

@@ -4,18 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.config import diff_configs
+from shared.config import diff_configs, flatten
 from shared.errors import BadInput
-
-
-def _flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def compare(runs: list[str | Path], out: str | Path | None = None, log=print, split: str = "test") -> str:
@@ -39,7 +29,7 @@ def compare(runs: list[str | Path], out: str | Path | None = None, log=print, sp
     head = ["run"] + keys + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, cfg, rep in rows:
-        fc, fr = _flat(cfg), _flat(rep or {})
+        fc, fr = flatten(cfg), flatten(rep or {})
         vals = [str(fc.get(k)) for k in keys] + [
             ("-" if fr.get(m) is None else f"{fr[m]:.3f}" if m != "qps" else f"{fr[m]:.0f}") for m in metrics]
         lines.append("| " + " | ".join([name] + vals) + " |")
