@@ -427,3 +427,27 @@ def load_backbone(spec: BackboneSpec | dict, *, model: nn.Module | None = None, 
     if (text_model is not None or s.kind == "qwen2audio" and model is not None) and not given.text_model:
         s.text_model = f"<{type(text).__name__} object>"
     return Backbone(s, tower, text, tokenizer, feature_extractor, projector=projector, lm=lm)
+
+
+def padded_reference(tower, feature_extractor, wave: np.ndarray, tap_layer: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's way, the reference the true-length path is checked against (tests) and timed against
+    (bench): one chunk padded to 30 s (3000 mel frames) through the HF tower's own forward with the 4-D
+    mask `Qwen2AudioModel.forward` builds, the frames covering the chunk kept.
+
+    Returns the final pooled + normed states (25 Hz) and, when `tap_layer` is below the tower's depth, the
+    states entering that layer (50 Hz, `output_hidden_states` of the same forward); else the final ones."""
+    from transformers.masking_utils import create_bidirectional_mask
+    dtype = next(tower.parameters()).dtype
+    inputs = feature_extractor(wave, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt",
+                               return_attention_mask=True)
+    feat_len, out_len = tower._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1))
+    n = tower.config.max_source_positions
+    mask2d = (torch.arange(n)[None] < feat_len[:, None]).long()
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(1, n, 1), attention_mask=mask2d)
+    inner = tap_layer is not None and tap_layer < len(tower.layers)
+    with torch.inference_mode():
+        out = tower(inputs.input_features.to(dtype), attention_mask=mask, output_hidden_states=inner)
+    final = out.last_hidden_state[0, :int(out_len[0])].float().numpy()
+    tap = out.hidden_states[tap_layer][0, :int(feat_len[0])].float().numpy() if inner else final
+    return final, tap

@@ -256,29 +256,10 @@ def format_table(report: dict, details: dict) -> str:
 # ---------------------------------------------------------------- the seed's way of encoding
 
 
-def seed_encode(backbone, wave: np.ndarray, tap_layer: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The seed's encoding of one chunk: padded to 30 s (3000 mel frames), the HF tower's own
-    forward with the 4-D mask `Qwen2AudioModel` builds, the frames covering the chunk kept.
-
-    Returns the final pooled + normed states (25 Hz) and, if `tap_layer` is given and below the
-    tower's depth, the states entering that layer (50 Hz; `output_hidden_states` of the same
-    forward, which computes them anyway); else the final states again.
-    """
-    import torch
-    from transformers.masking_utils import create_bidirectional_mask
-    tower, fe = backbone.tower, backbone.feature_extractor
-    inputs = fe(wave, sampling_rate=fe.sampling_rate, return_tensors="pt", return_attention_mask=True)
-    feat_len, out_len = tower._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1))
-    n = tower.config.max_source_positions
-    mask2d = (torch.arange(n)[None] < feat_len[:, None]).long()
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(1, n, 1),
-                                     attention_mask=mask2d)
-    inner = tap_layer is not None and tap_layer < len(tower.layers)
-    with torch.inference_mode():
-        out = tower(inputs.input_features.to(backbone.dtype), attention_mask=mask, output_hidden_states=inner)
-    final = out.last_hidden_state[0, :int(out_len[0])].float().numpy()
-    tap = out.hidden_states[tap_layer][0, :int(feat_len[0])].float().numpy() if inner else final
-    return final, tap
+def seed_encode(backbone, wave: np.ndarray, tap_layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's encoding of one chunk (padded to 30 s): `backbones.padded_reference` on this backbone."""
+    from stage1_extract.backbones import padded_reference
+    return padded_reference(backbone.tower, backbone.feature_extractor, wave, tap_layer)
 
 
 @dataclasses.dataclass

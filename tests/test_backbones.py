@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from shared.errors import BadInput  # noqa: E402
 from shared.top_layers import load_top  # noqa: E402
-from stage1_extract.backbones import load_backbone  # noqa: E402
+from stage1_extract.backbones import load_backbone, padded_reference  # noqa: E402
 from tests import tiny  # noqa: E402
 from stage1_extract.convert_whisper import convert_whisper, minilm_path, whisper_ct2_dir  # noqa: E402
 
@@ -45,21 +45,6 @@ def tiny_bpe_tokenizer():
 def qwen_backbone(model, tokenizer, **spec):
     return load_backbone({"kind": "qwen2audio", **spec}, model=model, tokenizer=tokenizer)
 
-
-def hf_padded_reference(tower, feature_extractor, wave):
-    """The HF tower on 30 s-padded mel with the 4-D mask built exactly as `Qwen2AudioModel.forward` does."""
-    from transformers.masking_utils import create_bidirectional_mask
-    inputs = feature_extractor(wave, sampling_rate=SR, return_tensors="pt", return_attention_mask=True)
-    feat_len, out_len = tower._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1))
-    n = tower.config.max_source_positions
-    mask2d = (torch.arange(n)[None] < feat_len[:, None]).long()
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(1, n, 1), attention_mask=mask2d)
-    with torch.no_grad():
-        out = tower(inputs.input_features, attention_mask=mask).last_hidden_state
-    return out[0, :out_len[0]].numpy()
-
-
-# ---- the embedded Whisper tiny.en ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
@@ -99,7 +84,7 @@ def test_embedded_backbone(whisper_dir, tmp_path):
     final_a, final_t = full.audio_features(waves), full.text_features(texts)
     assert [a.shape for a in final_a] == [(25, 384), (42, 384)] and full.audio_frame_rate_at_tap == 25.0
     # real Whisper reacts strongly to the frame after the end: true length still equals 30 s padding + mask
-    ref = hf_padded_reference(full.tower, full.feature_extractor, waves[0])
+    ref = padded_reference(full.tower, full.feature_extractor, waves[0])[0]
     err = np.abs(final_a[0] - ref).max()
     print(f"embedded Whisper, true length vs padded+masked: max abs diff {err:.1e} (max |value| {np.abs(ref).max():.1f})")
     assert err < 1e-3
@@ -136,7 +121,7 @@ def test_true_length_equals_padded_reference(tiny_qwen2audio, tiny_bpe_tokenizer
     bb = qwen_backbone(tiny_qwen2audio, tiny_bpe_tokenizer)
     for seconds in (1.5, 2.3711, 0.6149, 29.9937):  # the last one: the 30 s truncation edge
         wave = speechlike(seconds)
-        ours, ref = bb.audio_features([wave])[0], hf_padded_reference(bb.tower, bb.feature_extractor, wave)
+        ours, ref = bb.audio_features([wave])[0], padded_reference(bb.tower, bb.feature_extractor, wave)[0]
         assert ours.shape == ref.shape
         err = np.abs(ours - ref).max(axis=1)
         print(f"{seconds} s: max abs diff {err[:-1].max():.1e} (all but boundary), {err[-1]:.1e} (boundary frame)")
