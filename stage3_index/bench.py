@@ -707,20 +707,6 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_
     return report, details
 
 
-def build_ivf(vectors: np.ndarray, nlist: int, train_per_list: int = 64, seed: int = 0):
-    """IVF{nlist},Flat (inner product) trained on `train_per_list` x nlist sampled vectors.
-
-    `stage3_index.index.build_index` trains on up to 256 per list (faiss's own cap), which at
-    1M x 512 costs minutes on 2 cores; 64 per list is well above faiss's 39-per-list minimum.
-    """
-    import faiss
-    index = faiss.index_factory(vectors.shape[1], f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    n_train = min(len(vectors), train_per_list * nlist)
-    index.train(vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), n_train, replace=False))])
-    index.add(vectors)
-    return index
-
-
 def bench_index(sizes: list[int], n_queries: int, exact_queries: dict, dim: int, log) -> tuple[dict, dict]:
     """Flat vs IVF per glossary size. Flat answers `exact_queries[n]` of the queries (its QPS and the
     exact top-10 come from those); the IVF answers all `n_queries`; recall is over the exact ones.
@@ -743,7 +729,7 @@ def bench_index(sizes: list[int], n_queries: int, exact_queries: dict, dim: int,
         nlist = pow2_nlist(n)
         log(f"index {n:,}: Flat {n_exact / flat_s:.1f} q/s; building IVF{nlist},Flat ...")
         t0 = time.perf_counter()
-        ann = build_ivf(vectors, nlist)
+        ann = build_index(vectors, f"IVF{nlist},Flat", train_per_list=64)
         build_s = time.perf_counter() - t0
         del vectors
         ps, tried, tune = faiss.ParameterSpace(), {}, max(1, n_exact // 2)
