@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.glossary import ngram_matches
+
 ONE_TERM = (
     "I read a long article about {T} on the train this morning.",
     "Can you explain what {T} actually means in this context?",
@@ -200,15 +202,7 @@ class SegmentText:
 
 def term_ngrams(labels: tuple[str, ...] | list[str], lexicon: dict[str, str], max_n: int = 5):
     """Every word n-gram (1..max_n) that is a term or alias: (start, end exclusive, main key)."""
-    found = []
-    for i in range(len(labels)):
-        for n in range(1, max_n + 1):
-            if i + n > len(labels):
-                break
-            main = lexicon.get(" ".join(labels[i:i + n]))
-            if main is not None:
-                found.append((i, i + n, main))
-    return found
+    return ngram_matches(list(labels), lexicon, max_n)
 
 
 def holds_exactly(seg: SegmentText, lexicon: dict[str, str]) -> bool:

@@ -29,6 +29,20 @@ def normalize(text: str) -> str:
     return " ".join(w for w in words if w)
 
 
+def word_ngrams(words: list[str], max_n: int):
+    """(start, end exclusive, words joined by one space) of every run of 1..max_n consecutive words."""
+    for i in range(len(words)):
+        for n in range(1, min(max_n, len(words) - i) + 1):
+            yield i, i + n, " ".join(words[i:i + n])
+
+
+def ngram_matches(words: list[str], forms: dict, max_n: int) -> list[tuple[int, int, object]]:
+    """Every run of 1..max_n words that is a key of `forms` (normalised words, normalised forms):
+    (start, end exclusive, forms[run]), in order of start then length. The one n-gram matcher of the
+    project: prepare finds terms with it, the demo checks its sentences with it."""
+    return [(i, j, forms[g]) for i, j, g in word_ngrams(words, max_n) if g in forms]
+
+
 @dataclass
 class Glossary:
     keys: list[str]                                       # main keys; index = term id

@@ -22,7 +22,7 @@ from shared.audio import audio_info
 from shared.cli import config_options, figures
 from shared.config import Config, save_config
 from shared.errors import BadInput, RejectLog
-from shared.glossary import Glossary, load_glossary, normalize
+from shared.glossary import Glossary, load_glossary, ngram_matches, normalize
 from shared.manifest import Chunk, Segment, read_segments, write_chunks
 from stage1_extract.pseudo import PseudoSpan, choose, excluded_words, pseudo_spans
 
@@ -86,24 +86,17 @@ def read_words(path: Path) -> list[Word]:
 def find_terms(words: list[Word], forms: dict[str, str], max_ngram: int = 5) -> list[TermSpan]:
     """Glossary terms (or aliases) among the words: n-grams 1..max_ngram, longest first, no overlaps."""
     norm = [normalize(w.text) for w in words]
-    candidates = []
-    for i in range(len(words)):
-        for n in range(1, max_ngram + 1):
-            if i + n > len(words):
-                break
-            key = " ".join(norm[i:i + n])
-            if key in forms:
-                candidates.append((n, i))
+    candidates = [(j - i, i, main) for i, j, main in ngram_matches(norm, forms, max_ngram)]
     # Longest match wins; among equals the earlier one. Greedy over that order gives no overlaps.
     candidates.sort(key=lambda c: (-c[0], c[1]))
     taken = [False] * len(words)
     spans = []
-    for n, i in candidates:
+    for n, i, main in candidates:
         if any(taken[i:i + n]):
             continue
         for j in range(i, i + n):
             taken[j] = True
-        spans.append(TermSpan(i, i + n - 1, forms[" ".join(norm[i:i + n])]))
+        spans.append(TermSpan(i, i + n - 1, main))
     spans.sort(key=lambda s: s.first)
     return spans
 

@@ -24,7 +24,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from shared.glossary import normalize
+from shared.glossary import normalize, word_ngrams
 
 
 def term_forms(keys: Sequence[str], aliases: Mapping[str, str | int] | None = None,
@@ -52,9 +52,10 @@ def term_forms(keys: Sequence[str], aliases: Mapping[str, str | int] | None = No
 
 def transcript_ngrams(transcript: str, max_words: int) -> dict[int, list[str]]:
     """{n: every run of n consecutive words of the normalised transcript}, for n = 1 .. max_words."""
-    words = normalize(transcript).split()
-    return {n: [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
-            for n in range(1, min(max_words, len(words)) + 1)}
+    out: dict[int, list[str]] = {}
+    for i, j, gram in word_ngrams(normalize(transcript).split(), max_words):
+        out.setdefault(j - i, []).append(gram)
+    return out
 
 
 class CascadeMatcher:

@@ -142,3 +142,12 @@ def test_ratio_split_is_seeded(corpus):
     assert a["splits"] == b["splits"]
     for name in a["splits"]:
         assert (corpus / "a" / f"{name}.jsonl").read_text() == (corpus / "b" / f"{name}.jsonl").read_text()
+
+
+def test_ngram_matches_lists_every_run_in_order():
+    from shared.glossary import ngram_matches, word_ngrams
+    words = ["deep", "learning", "rate", "deep"]
+    forms = {"deep learning": "DL", "learning": "L", "deep": "D", "learning rate schedule": "X"}
+    assert ngram_matches(words, forms, 2) == [(0, 1, "D"), (0, 2, "DL"), (1, 2, "L"), (3, 4, "D")]
+    assert ngram_matches(words, forms, 1) == [(0, 1, "D"), (1, 2, "L"), (3, 4, "D")]
+    assert [g for _, _, g in word_ngrams(["a", "b"], 5)] == ["a", "a b", "b"]
