@@ -5,7 +5,7 @@ stripped from each word). An alias from alt2main.json counts as its main term ev
 matching in transcripts, training positives, evaluation. Term ids are positions in
 `Glossary.keys` (sorted, so the same glossary always gives the same ids).
 
-Accepted glossary files (DESIGN.md section 3):
+Accepted glossary files (README, "Input formats"):
 - the seed's dict: {"nintendo": {"term": "Nintendo", "short_description": ..., ...}, ...}
 - a JSON list of strings (or of dicts with a "term" field)
 - a text file with one term per line

@@ -1,4 +1,4 @@
-"""`prepare`: segments + MFA TextGrids + glossary -> term-chunk manifests (DESIGN.md section 4).
+"""`prepare`: segments + MFA TextGrids + glossary -> term-chunk manifests (README, "Input formats").
 
 A term chunk is a glossary term's aligned word span widened by `context` seconds each side
 (clipped to the segment), pointing into the segment's audio; its ground-truth terms are every

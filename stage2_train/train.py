@@ -81,6 +81,11 @@ class Trainer:
         if not self.cache.complete():
             raise BadInput("the feature cache is incomplete", file=features,
                            fix="finish `python -m stage1_extract extract` first (rerun it)")
+        if "audio/train" not in self.cache.tables:
+            have = sorted(n.split("/", 1)[1] for n in self.cache.tables if n.startswith("audio/"))
+            raise BadInput(f"the feature cache has no train split (it has: {', '.join(have) or 'none'})", file=features,
+                           fix="training needs train.jsonl (and dev.jsonl for early stopping): prepare with "
+                               "--split-by speaker or ratio (or --split-name train), then extract")
         self.train_data = SplitData(self.cache, "train", t.in_memory, t.limit)
         self.dev_data = SplitData(self.cache, "dev", t.in_memory, t.limit) if "audio/dev" in self.cache.tables else None
         dims = {k: int(v) for k, v in self.cache.index["dims"].items()}

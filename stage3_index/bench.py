@@ -19,7 +19,7 @@ the ratio holds on a noisy machine even when the absolute seconds do not:
              have no neighbourhood structure, so an ANN index has nothing to exploit there).
     memory   peak RSS of extraction (child processes) on N and 4N chunks per split.
 
-Writes `OUT/report.json` (the issue's keys), `OUT/details.json` (how each figure was obtained)
+Writes `OUT/report.json` (the figures, one block per part), `OUT/details.json` (how each figure was obtained)
 and prints a table. Inputs are the demo's manifests and feature cache: run `make` first.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ TARGETS = {
 
 
 def target_met(part: str, r: dict) -> bool:
-    """Whether one part of the report meets the issue's target."""
+    """Whether one part of the report meets its target (TARGETS)."""
     if part == "extract":
         return r["speedup"] >= 15 and r["min_cosine"] >= 0.99
     if part == "train":
@@ -903,7 +903,7 @@ def bench_stream(cfg: Config, run: str | Path, out: Path, n_terms: int, seconds:
 
 # ---------------------------------------------------------------- the command
 
-PARTS = ("extract", "train", "loader", "mining", "index", "memory", "stream")   # the issues' order
+PARTS = ("extract", "train", "loader", "mining", "index", "memory", "stream")   # the order of the README's table
 
 
 def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS, config_path: str | None = None,

@@ -360,3 +360,19 @@ def test_prepare_cli_bad_segments_exit_2(tmp_path):
     p = run_stage1("prepare", "--segments", str(tmp_path / "none.tsv"), "--alignments", str(tmp_path),
                    "--glossary", str(tmp_path / "g.txt"), "--alt2main", "", "--out", str(tmp_path / "out"))
     assert p.returncode == 2 and "segments file does not exist" in p.stderr and "none.tsv" in p.stderr
+
+
+def test_training_a_cache_without_a_train_split_says_how_to_make_one(tmp_path):
+    """`prepare --split-by none` gives one split ('all' or --split-name): trainable only after a re-split."""
+    import json as _json
+
+    from stage2_train.train import train
+    from tests.synthetic import build_cache
+    from tests.test_train import cfg_for
+    features = build_cache(tmp_path, n_terms=10, n_train=16, n_dev=8, n_test=8)
+    idx = _json.loads((features / "index.json").read_text())
+    idx["tables"] = {("audio/all" if k == "audio/train" else k): v for k, v in idx["tables"].items()}
+    (features / "index.json").write_text(_json.dumps(idx))
+    (features / "tables" / "audio" / "train").rename(features / "tables" / "audio" / "all")
+    with pytest.raises(BadInput, match=r"no train split \(it has: all, dev, test\).*--split-by speaker or ratio"):
+        train(cfg_for(), features, tmp_path / "run", log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""Readers for the users' formats (DESIGN.md section 3) and our chunk manifest."""
+"""Readers for the users' formats (README, "Input formats") and our chunk manifest."""
 import json
 
 import pytest
