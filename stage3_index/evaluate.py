@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -356,18 +357,31 @@ def eval_config(run_cfg: Config, config: str | Path | None = None, overrides=())
     return load_config(config, list(overrides), base=run_cfg)
 
 
-def evaluate(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
-             config: str | Path | None = None, overrides=(), factory: str | None = None, log=print) -> dict:
-    """Write the report of `run` on `split` (default eval.split) of its own feature cache, or of the
-    cache `features`, to RUN/eval/SPLIT/ or RUN/eval/CACHENAME.SPLIT/; return it (with details)."""
-    t_start = time.time()
+@dataclass
+class EvalInputs:
+    """What one evaluation reads: the run (model, saved and effective config, its own cache) and the cache
+    and split evaluated, with where the report goes."""
+    run: Path
+    model: object
+    ckpt_path: Path
+    run_cfg: Config
+    cfg: Config
+    own: FeatureCache
+    cache: FeatureCache
+    split: str
+    factory: str
+    ks: list[int]
+    out: Path
+
+
+def eval_inputs(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
+                config: str | Path | None = None, overrides=(), factory: str | None = None) -> EvalInputs:
+    """Load the run and pick the cache and split: the run's own cache (report in RUN/eval/SPLIT/) or
+    `features`, another corpus made with the same backbone (RUN/eval/CACHENAME.SPLIT/)."""
     run = Path(run)
-    model, ckpt, run_cfg, own, ckpt_path = load_run(run)
+    model, _, run_cfg, own, ckpt_path = load_run(run)
     cfg = eval_config(run_cfg, config, overrides)
     split = split or cfg.eval.split
-    factory = factory or cfg.eval.index
-    ks = sorted(set(int(k) for k in cfg.eval.ks))
-    keep_hits = cfg.eval.keep_hits
     if features is not None and Path(features).resolve() != own.root.resolve():
         cache = FeatureCache(features)
         check_same_backbone(own, cache)
@@ -379,8 +393,42 @@ def evaluate(run: str | Path, split: str | None = None, *, features: str | Path 
         have = sorted(t.split("/", 1)[1] for t in cache.tables if t.startswith("audio/"))
         raise BadInput(f"the cache has no split {split!r} (it has: {', '.join(have)})", file=cache.root,
                        fix="choose one of those with --split")
-    out.mkdir(parents=True, exist_ok=True)
+    return EvalInputs(run, model, ckpt_path, run_cfg, cfg, own, cache, split, factory or cfg.eval.index,
+                      sorted(set(int(k) for k in cfg.eval.ks)), out)
 
+
+def evaluate(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
+             config: str | Path | None = None, overrides=(), factory: str | None = None, log=print) -> dict:
+    """Write the report of `run` on `split` (default eval.split) of its own feature cache, or of the
+    cache `features`, to RUN/eval/SPLIT/ or RUN/eval/CACHENAME.SPLIT/; return it (with details)."""
+    t_start = time.time()
+    e = eval_inputs(run, split, features=features, config=config, overrides=overrides, factory=factory)
+    e.out.mkdir(parents=True, exist_ok=True)
+    report, details, term_scores, noterm_scores = compute_report(e, log)
+    full = {**report, **details}
+    write_report(e.out, e.run.name, report, details, term_scores, noterm_scores)
+    r, rej, baseline = report["recall"], report["rejection"], report["baseline"]
+    log(figures(queries=report["queries"], glossary=report["glossary_size"], r1=_f(r.get("1")), r5=_f(r.get("5")),
+                r10=_f(r.get("10")), auroc=_f(rej["auroc"]), far=_f(rej["far"]), qps=report["qps"],
+                baseline_r5=_f((baseline or {}).get("recall", {}).get("5")), seconds=time.time() - t_start))
+    full["out"] = str(e.out)
+    return full
+
+
+def write_report(out: Path, name: str, report: dict, details: dict, term_scores, noterm_scores) -> None:
+    """report.md, the plots, details.json, and report.json last (what compare reads means all is written)."""
+    full = {**report, **details}
+    (out / "report.md").write_text(report_markdown(full, name))
+    plot_report(full, term_scores, noterm_scores, out)
+    _write_json(out / "details.json", details)
+    _write_json(out / "report.json", report)
+
+
+def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """(report, details, top-1 scores of term chunks, of no-term chunks): every figure of the report.
+    Writes nothing but the reusable glossary index (RUN/eval/.../glossary.index)."""
+    model, own, cache, split, factory, ks, out = e.model, e.own, e.cache, e.split, e.factory, e.ks, e.out
+    cfg, run_cfg, keep_hits = e.cfg, e.run_cfg, e.cfg.eval.keep_hits
     keys = cache.read_json("glossary.json")["keys"]
     n_terms = len(keys)
     train_keys = trained_keys(own, run_cfg.train.limit)
@@ -445,8 +493,8 @@ def evaluate(run: str | Path, split: str | None = None, *, features: str | Path 
                                    cfg.eval.glossary_sizes, factory, ks, log)
     else:
         by_size = {}
-        log(f"the cache has no distractors: no glossary-size rows; add them with `python -m stage1_extract "
-            f"extract --set data.distractors=builtin` (only that table is extracted, the audio is kept)")
+        log("the cache has no distractors: no glossary-size rows; add them with `python -m stage1_extract "
+            "extract --set data.distractors=builtin` (only that table is extracted, the audio is kept)")
 
     baseline = cascade_baseline(cache, split, data, seen_term, ks, split_terms, dist_texts,
                                 cfg.eval.glossary_sizes, log)
@@ -463,18 +511,8 @@ def evaluate(run: str | Path, split: str | None = None, *, features: str | Path 
                "term_chunks": int(term_chunk.sum()), "noterm_chunks": int((~term_chunk).sum()),
                "split_terms": len(split_terms), "threshold_note": note, "keep_hits": keep_hits,
                "distractors": len(dist_texts), "train_limit": run_cfg.train.limit,
-               "checkpoint": ckpt_path.name, "checkpoint_sha256": file_sha256(ckpt_path)}
-    full = {**report, **details}
-    (out / "report.md").write_text(report_markdown(full, run.name))
-    plot_report(full, max_score[term_chunk], max_score[~term_chunk], out)
-    _write_json(out / "details.json", details)
-    _write_json(out / "report.json", report)  # last: a report.json (what compare reads) means all is written
-    log(figures(queries=report["queries"], glossary=n_terms, r1=_f(r["recall"].get("1")),
-                r5=_f(r["recall"].get("5")), r10=_f(r["recall"].get("10")), auroc=_f(rej["auroc"]),
-                far=_f(rej["far"]), qps=report["qps"],
-                baseline_r5=_f((baseline or {}).get("recall", {}).get("5")), seconds=time.time() - t_start))
-    full["out"] = str(out)
-    return full
+               "checkpoint": e.ckpt_path.name, "checkpoint_sha256": file_sha256(e.ckpt_path)}
+    return report, details, max_score[term_chunk], max_score[~term_chunk]
 
 
 def _f(x):
