@@ -66,7 +66,10 @@ transcripts: extract heldout
 	$(PY) -m stage1_extract transcribe --config $(CONFIG) --split dev --split test
 	$(PY) -m stage1_extract transcribe --config configs/demo-heldout.toml --split heldout
 
-eval: train heldout transcripts
+# A finished run (finished.json) is evaluated as it is, with its own saved config: `make train RUN=x
+# SET=...` then `make eval RUN=x` needs no SET again and never retrains. An unfinished one is trained first.
+eval: heldout transcripts
+	@test -f cache/runs/$(RUN)/finished.json || $(MAKE) --no-print-directory train RUN=$(RUN) CONFIG=$(CONFIG) SET="$(SET)"
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN) --split test $(SETS)
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN) --features cache/features/demo-heldout --split heldout $(SETS)
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shared.atomic import atomic_path
+from shared.atomic import atomic_path, write_json_atomic
 from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
 from shared.config import Config, config_from_dict, diff_configs, save_config
@@ -300,6 +300,8 @@ class Trainer:
             metrics_path.write_text("")
         if self.state["done"]:
             self.log("run already finished")
+            if self.rank == 0:
+                self._mark_finished()
             return self.state
         self.tensorboard = TensorBoard(self.run, t.tensorboard and self.rank == 0, self.log)
         t0 = time.time()
@@ -346,11 +348,19 @@ class Trainer:
             plot_run(self.run)
         wall = time.time() - t0
         if self.rank == 0:
+            self._mark_finished()
             self.log(figures(steps=self.state["step"], epochs=self.state["epoch"], wall_s=wall,
                              steps_per_s=steps_this_call / max(wall, 1e-9),
                              mining_share=self.mining_seconds / max(wall, 1e-9),
                              best_dev_r5=self.state["best_r5"]))
         return self.state
+
+    def _mark_finished(self) -> None:
+        """RUN/finished.json: the mark `make eval` (and anyone scripting runs) checks; this run is done,
+        evaluate it as it is, never train it again."""
+        write_json_atomic(self.run / "finished.json", {
+            "steps": self.state["step"], "epochs": self.state["epoch"], "best_dev_r5": self.state["best_r5"],
+            "checkpoint": "best.pt" if (self.run / "best.pt").is_file() else "last.pt"})
 
     def _evaluate_and_save(self, metrics_path: Path, best: Path, last: Path) -> None:
         ev = self.evaluate()

@@ -77,7 +77,10 @@ def test_resume_equals_uninterrupted(features, tmp_path):
     full = train(cfg, features, tmp_path / "full", log=quiet)
     part = Trainer(cfg, features, tmp_path / "part", log=quiet)
     part.fit(stop_after=part.steps_per_epoch + 2)        # killed mid-epoch 2, after the epoch-1 checkpoint
+    assert not (tmp_path / "part/finished.json").exists()  # `make eval` would train it on first
     resumed = train(cfg, features, tmp_path / "part", resume=True, log=quiet)
+    done = json.loads((tmp_path / "part/finished.json").read_text())
+    assert done["steps"] == resumed.state["step"] == full.state["step"] and done["checkpoint"] == "best.pt"
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
     a = (tmp_path / "full/metrics.jsonl").read_text()
