@@ -56,7 +56,7 @@ heldout: data models
 	$(PY) -m stage1_extract extract --config configs/demo-heldout.toml
 
 train: extract
-	$(PY) -m stage2_train --config $(CONFIG) --run cache/runs/$(RUN) --resume $(SETS)
+	$(PY) -m stage2_train --config $(CONFIG) --run-dir cache/runs/$(RUN) --resume $(SETS)
 
 # The run on its own test split (cache/runs/RUN/eval/test/) and on the held-out voice
 # (cache/runs/RUN/eval/demo-heldout.heldout/), each table printed with the cascade baseline under it.

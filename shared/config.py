@@ -118,7 +118,8 @@ class TrainConfig:
     patience: int = 3                          # evaluations without dev R@5 gain before stopping
     tensorboard: bool = False                  # scalars to RUN/tensorboard too (needs the tensorboard package)
     seed: int = 0
-    dedup_terms: bool = True                   # sampler keeps a term at most once per batch
+    term_cap: int = 1                          # sampler: at most this many chunks of one term per batch
+                                               # (where the term's frequency allows; 0 = no cap)
     augment_speed: float = 0.0                 # cached-frame augmentation (stage2_train/augment.py): speed
     augment_mask: float = 0.0                  # change +-, share of frames masked in one span,
     augment_noise: float = 0.0                 # noise std relative to each feature's spread; 0 = off
@@ -259,6 +260,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 # keys older runs saved that no code reads any more: ignored when a saved config is read (the
 # rejection hinge runs on the mined hard negatives, train.hard_k of them)
 RETIRED_KEYS = {"train.reject_k"}
+# keys older runs saved under another name: (new key, value in the new key's terms)
+RENAMED_KEYS = {"train.dedup_terms": ("train.term_cap", lambda on: 1 if on else 0)}
 
 
 def config_from_dict(data: dict) -> Config:
@@ -266,8 +269,12 @@ def config_from_dict(data: dict) -> Config:
     cfg = Config()
     for sec_name, values in data.items():
         for name, value in values.items():
-            if f"{sec_name}.{name}" not in RETIRED_KEYS:
-                _apply(cfg, f"{sec_name}.{name}", value, "<saved config>")
+            key = f"{sec_name}.{name}"
+            if key in RENAMED_KEYS:
+                key, convert = RENAMED_KEYS[key]
+                value = convert(value)
+            if key not in RETIRED_KEYS:
+                _apply(cfg, key, value, "<saved config>")
     return cfg
 
 

@@ -81,27 +81,82 @@ class SplitData:
 
 
 def global_batches(terms: list[list[int]], n: int, batch_size: int, seed: int, epoch: int,
-                   dedup: bool = True, subset: np.ndarray | None = None) -> list[np.ndarray]:
-    """The epoch's batches of item indices (same on every rank for the same seed and epoch).
+                   term_cap: int = 1, subset: np.ndarray | None = None, stats: dict | None = None
+                   ) -> list[np.ndarray]:
+    """The epoch's batches of item indices: the same on every rank for the same seed and epoch.
 
-    With `dedup`, an item whose term is already in the batch waits for a later batch, so a term
-    is at most once per batch (masking handles duplicates anyway; this keeps negatives useful).
+    Every batch is full except the epoch's last (ceil(n / B) batches). With `term_cap` > 0 no term is
+    in more than `term_cap` items of a batch wherever that is possible: each term's items are dealt
+    round-robin over the batches (largest terms first, while every batch still has room), so a term
+    with at most as many items as there are batches never repeats in one. A term more frequent than
+    that (the head of a Zipf distribution) cannot keep the cap; its overflow is spread as evenly as
+    the dealing allows, and `stats["overflow"]` counts it (the loss masks repeated terms, so they are
+    never each other's negatives: repeats only waste a slot). Linear in the number of items.
     """
     rng = np.random.default_rng([seed, epoch])
     # `subset`: the items this epoch uses (e.g. without pseudo-term chunks after the curriculum)
-    order = rng.permutation(n) if subset is None else np.asarray(subset)[rng.permutation(len(subset))]
-    if not dedup:
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    batches, pending = [], list(order)
-    while pending:
-        batch, used, rest = [], set(), []
-        for i in pending:
-            t = terms[i]
-            if len(batch) < batch_size and not used.intersection(t):
-                batch.append(i)
-                used.update(t)
+    items = np.arange(n) if subset is None else np.asarray(subset, dtype=np.int64)
+    items = items[rng.permutation(len(items))]
+    n_items = len(items)
+    n_batches = -(-n_items // batch_size) if n_items else 0
+    if term_cap <= 0 or n_batches <= 1:
+        return [items[i:i + batch_size] for i in range(0, n_items, batch_size)]
+    room = np.full(n_batches, batch_size, dtype=np.int64)
+    room[-1] = n_items - batch_size * (n_batches - 1)
+    # each item is dealt under its most frequent term (the hardest to spread); no-term items last
+    freq: dict[int, int] = {}
+    for i in items:
+        for t in terms[i]:
+            freq[t] = freq.get(t, 0) + 1
+    groups: dict[int, list[int]] = {}
+    free = []
+    for i in items:
+        if terms[i]:
+            groups.setdefault(max(terms[i], key=lambda t: (freq[t], t)), []).append(int(i))
+        else:
+            free.append(int(i))
+    order = sorted(groups, key=lambda t: (-len(groups[t]), rng.random()))
+    # the next batch with room at or after b (cyclically): full batches point past themselves, and the
+    # pointers are compressed as they are followed, so each full batch is skipped in amortised O(1)
+    parent = list(range(n_batches))
+
+    def open_at(b: int) -> int:
+        root = b
+        while room[root] == 0:
+            root = parent[root] if parent[root] != root else (root + 1) % n_batches
+        while b != root and room[b] == 0:
+            step = parent[b] if parent[b] != b else (b + 1) % n_batches
+            parent[b] = root
+            b = step
+        return root
+
+    out = [[] for _ in range(n_batches)]
+    count: list[dict[int, int]] = [{} for _ in range(n_batches)]
+    overflow, b = 0, int(rng.integers(n_batches))
+    for t in order:
+        for i in groups[t]:
+            b = open_at(b)
+            target, probe = b, b
+            for _ in range(min(4, n_batches)):          # a few batches ahead for one under the cap
+                if all(count[probe].get(u, 0) < term_cap for u in terms[i]):
+                    target = probe
+                    break
+                probe = open_at((probe + 1) % n_batches)
             else:
-                rest.append(i)
-        batches.append(np.array(batch, dtype=np.int64))
-        pending = rest
-    return batches
+                overflow += 1
+            out[target].append(i)
+            room[target] -= 1
+            for u in terms[i]:
+                count[target][u] = count[target].get(u, 0) + 1
+            b = (target + 1) % n_batches
+    for i in free:
+        b = open_at(b)
+        out[b].append(i)
+        room[b] -= 1
+        b = (b + 1) % n_batches
+    if stats is not None:
+        stats["overflow"] = overflow
+    # the short batch stays last; the full ones in random order, each shuffled
+    full = [np.array(x, dtype=np.int64)[rng.permutation(len(x))] for x in out[:-1]]
+    last = np.array(out[-1], dtype=np.int64)[rng.permutation(len(out[-1]))]
+    return [full[j] for j in rng.permutation(len(full))] + [last]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from shared.atomic import atomic_path, write_json_atomic
@@ -32,25 +30,12 @@ from shared.errors import BadInput
 from shared.heads import build_model, embed, model_spec, pad_batch
 from shared.metrics import recall_at_k
 from shared.termside import embed_table, rows_to_terms, spoken_rows, term_tables
+from stage2_train import distributed
 from stage2_train.augment import augment_frames
 from stage2_train.curves import TensorBoard, plot_run
 from stage2_train.data import SplitData, global_batches
 from stage2_train.losses import RetrievalLoss, build_term_masks, distinct_terms, same_text_mask
 from stage2_train.mining import format_stats, mine_hard_negatives
-
-
-def _dist_setup() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-
-
-def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
 
 
 def _seed(seed: int) -> None:
@@ -70,7 +55,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 class Trainer:
     def __init__(self, cfg: Config, features: str | Path, run: str | Path, log=print):
         self.cfg, self.run, self.log = cfg, Path(run), log
-        self.rank, self.world = _dist_setup()
+        self.rank, self.world = distributed.setup()
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -179,7 +164,7 @@ class Trainer:
         subset = None
         if t.pseudo_epochs and epoch >= t.pseudo_epochs and self.is_pseudo[:n].any():
             subset = np.flatnonzero(~self.is_pseudo[:n])
-        return global_batches(self.train_data.terms, n, self.batch_global, t.seed, epoch, t.dedup_terms, subset)
+        return global_batches(self.train_data.terms, n, self.batch_global, t.seed, epoch, t.term_cap, subset)
 
     def text_embed(self, table, idx) -> torch.Tensor:
         # numpy's global generator: seeded by _seed and saved in checkpoints, so resume stays exact
@@ -231,16 +216,18 @@ class Trainer:
         d, B = self.train_data, self.cfg.train.batch_size
         local = batch[self.rank * B:(self.rank + 1) * B]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            items = d.audio.items(local)
             t = self.cfg.train
-            if t.augment_speed or t.augment_mask or t.augment_noise:
-                # its own generator per (step, rank): nothing else's random stream moves, so ranks stay in
-                # step with each other and a resumed run draws the same augmentation
-                rng = np.random.default_rng([t.seed, self.state["step"], self.rank])
-                items = augment_frames(items, rng, t.augment_speed, t.augment_mask, t.augment_noise)
-            x, m = pad_batch(items, self.device)
-            audio = _gather(self.model.audio(x, m) if len(local) else
-                            torch.zeros(0, self.cfg.train.proj_dim, device=self.device), self.world)
+            if len(local):
+                items = d.audio.items(local)
+                if t.augment_speed or t.augment_mask or t.augment_noise:
+                    # its own generator per (step, rank): nothing else's random stream moves, so ranks stay in
+                    # step with each other and a resumed run draws the same augmentation
+                    rng = np.random.default_rng([t.seed, self.state["step"], self.rank])
+                    items = augment_frames(items, rng, t.augment_speed, t.augment_mask, t.augment_noise)
+                own = self.model.audio(*pad_batch(items, self.device))
+            else:     # the epoch's last batch left this rank nothing: it still joins the collectives
+                own = torch.zeros(0, t.proj_dim, device=self.device)
+            audio = distributed.gather_rows(own, distributed.slice_sizes(len(batch), B, self.world), B)
             chunk_terms = [self.train_rows[i] for i in batch]
             cols = distinct_terms(chunk_terms)
             pos, ignore = build_term_masks(chunk_terms, cols, self.equivalent, device=self.device)
@@ -259,11 +246,7 @@ class Trainer:
                                      hard=None if hard is None else hard.float(), hard_mask=hard_mask)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        if self.world > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
+        distributed.average_gradients(self.model.parameters(), self.world)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         f = lr_factor(self.state["step"], self.cfg.train.warmup_steps, self.total_steps)
         for g, base in zip(self.opt.param_groups, self.base_lrs):
@@ -288,14 +271,14 @@ class Trainer:
             if diff:
                 raise BadInput("the run was started with another config: " + "; ".join(
                     f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=self.run,
-                    fix="resume with the same settings, or give the new settings their own --run (make train RUN=name)")
+                    fix="resume with the same settings, or give the new settings their own --run-dir (make train RUN=name)")
             self.load(last)
             self.log(f"resumed from {last} at step {self.state['step']} (epoch {self.state['epoch']})")
             _truncate_metrics(metrics_path, self.state["step"])
         elif self.rank == 0:
             if last.is_file() and not resume:
                 raise BadInput("this run folder already holds a run", file=self.run,
-                               fix="pass --resume to continue it, or choose another --run")
+                               fix="pass --resume to continue it, or choose another --run-dir")
             save_config(self.cfg, self.run / "config.json")
             metrics_path.write_text("")
         if self.state["done"]:
@@ -415,9 +398,11 @@ def train(cfg: Config, features: str | Path | None = None, run: str | Path = "ca
 @config_options
 @click.option("--features", type=click.Path(file_okay=False),
               help="Feature cache folder. [cache.root/features/cache.name]")
-@click.option("--run", default="cache/runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder: config.json, metrics.jsonl, best.pt, last.pt.")
-@click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint.")
+# --run-dir, not --run: torchrun reads `--run` (and `--run=...`) as an abbreviation of its own --run-path
+# even after `-m stage2_train`; --run still works without torchrun
+@click.option("--run-dir", "--run", "run", default="cache/runs/demo", show_default=True,
+              type=click.Path(file_okay=False), help="Run folder: config.json, metrics.jsonl, best.pt, last.pt.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def train_command(cfg: Config, features, run, resume):
     """Train heads and the exported top layers on cached features (torchrun for several processes).
 

@@ -346,7 +346,7 @@ class TrainSetup:
             self.trainer = Trainer(cfg, features, out / "train_run", log=lambda *a: None)
         self.step_threads = cfg.train.threads or ENCODER_THREADS
         d, t = self.trainer.train_data, cfg.train
-        self.batches = global_batches(d.terms, len(d), self.trainer.batch_global, t.seed, 0, t.dedup_terms)
+        self.batches = global_batches(d.terms, len(d), self.trainer.batch_global, t.seed, 0, t.term_cap)
         by_id = {c.id: c for c in read_chunks(self.trainer.cache.index["manifests"]["train"])}
         self.chunks = [by_id[i] for i in d.ids]
         unfreeze = self.trainer.cache.fingerprint["backbone"]["audio_unfreeze"]
@@ -591,7 +591,7 @@ def bench_loader(cfg: Config, features: Path, out: Path, log, repeats: int = 3) 
     cache = FeatureCache(features)
     split = SplitData(cache, "train", in_memory="no")
     t = cfg.train
-    batches = global_batches(split.terms, len(split), t.batch_size, t.seed, 0, t.dedup_terms)
+    batches = global_batches(split.terms, len(split), t.batch_size, t.seed, 0, t.term_cap)
     table_bytes = cache.table("audio/train").nbytes()
     in_memory = want_in_memory(t.in_memory, table_bytes)
     roots = {cache.format: features}

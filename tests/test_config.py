@@ -85,3 +85,9 @@ def test_retired_keys_are_skipped_in_saved_configs_and_refused_when_set():
     assert cfg.train.lr == 0.5 and not hasattr(cfg.train, "reject_k")
     with pytest.raises(BadInput, match="unknown config key 'train.reject_k'"):
         load_config(None, ["train.reject_k=3"])
+
+
+def test_renamed_keys_of_saved_configs_are_read_under_their_new_name():
+    from shared.config import config_from_dict
+    assert config_from_dict({"train": {"dedup_terms": False}}).train.term_cap == 0
+    assert config_from_dict({"train": {"dedup_terms": True}}).train.term_cap == 1

@@ -32,14 +32,43 @@ def features(tmp_path_factory):
     return build_cache(tmp_path_factory.mktemp("syn"))
 
 
-def test_batches_are_deterministic_and_deduplicated():
-    terms = [[i % 5] for i in range(40)] + [[]] * 5
+def test_batches_are_deterministic_full_and_capped():
+    terms = [[i % 9] for i in range(40)] + [[]] * 5 + [[1, 2]] * 3        # 48 items, 6 batches of 8
     a = global_batches(terms, len(terms), 8, seed=1, epoch=2)
     assert [b.tolist() for b in a] == [b.tolist() for b in global_batches(terms, len(terms), 8, 1, 2)]
+    assert [b.tolist() for b in a] != [b.tolist() for b in global_batches(terms, len(terms), 8, 1, 3)]
     assert sorted(np.concatenate(a).tolist()) == list(range(len(terms)))
-    for b in a:
-        flat = [t for i in b for t in terms[i]]
+    assert [len(b) for b in a] == [8] * 6
+    for b in a:                                   # terms 3..8 have 4-5 items <= 6 batches: never repeated
+        flat = [t for i in b for t in terms[i] if t >= 3]
         assert len(flat) == len(set(flat))
+    assert [len(b) for b in global_batches(terms, 45, 8, 1, 2)] == [8] * 5 + [5]   # only the last is short
+    assert [len(b) for b in global_batches(terms, 45, 8, 1, 2, term_cap=0)] == [8] * 5 + [5]
+
+
+def test_sampler_on_zipf_terms_makes_full_batches_and_keeps_the_cap_where_possible():
+    """20,000 chunks over 2,000 Zipf-distributed terms (10% no-term, some with two terms), batch 128."""
+    from collections import Counter
+    rng = np.random.default_rng(0)
+    n, n_terms, B = 20000, 2000, 128
+    p = 1 / np.arange(1, n_terms + 1)
+    p /= p.sum()
+    terms = [[int(rng.choice(n_terms, p=p))] if rng.random() > 0.1 else [] for _ in range(n)]
+    for i in range(0, n, 7):
+        if terms[i]:
+            terms[i].append(int(rng.integers(n_terms)))
+    for cap in (1, 2):
+        stats = {}
+        batches = global_batches(terms, n, B, seed=0, epoch=0, term_cap=cap, stats=stats)
+        assert abs(len(batches) - -(-n // B)) <= 0.05 * -(-n // B)
+        assert all(len(b) == B for b in batches[:-1]) and 0 < len(batches[-1]) <= B
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+        freq = Counter(t for ts in terms for t in ts)
+        for b in batches:
+            for t, k in Counter(t for i in b for t in terms[i]).items():
+                if freq[t] <= len(batches) * cap:          # the cap is possible for this term: kept
+                    assert k <= cap, (t, k, freq[t])
+        assert stats["overflow"] > 0                      # the head terms cannot keep it
 
 
 def test_training_learns_and_writes_the_run(features, tmp_path):
@@ -96,27 +125,46 @@ def test_refuses_a_different_cache(features, tmp_path):
         train(cfg, other, tmp_path / "r", resume=True, log=quiet)
 
 
-def _ddp_worker(rank, world, port, features, out, batch):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# 70 train chunks in global batches of 32 (2 ranks x 16): 32, 32, 6 -> in the last step rank 0 has 6
+# items and rank 1 none
+RAGGED = {"train.batch_size": 16, "train.epochs": 1, "train.limit": 70}
+
+
+def _ddp_worker(rank, world, port, features, out, over):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    cfg = cfg_for(**{"train.batch_size": batch, "train.epochs": 1})
-    tr = Trainer(cfg, features, out / f"rank{rank}", log=quiet)
-    tr.step(global_batches(tr.train_data.terms, len(tr.train_data), tr.batch_global, 0, 0)[0])
+    tr = Trainer(cfg_for(**over), features, out / f"rank{rank}", log=quiet)
+    batches = tr.batches(0)
+    assert [len(b) for b in batches] == [32, 32, 6]
+    for b in batches:
+        tr.step(b)
     if rank == 0:
         torch.save(tr.model.state_dict(), out / "ddp.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_of_b_equal_one_rank_of_2b(features, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, features, tmp_path, 16), nprocs=2, join=True)
-    single = Trainer(cfg_for(**{"train.batch_size": 32, "train.epochs": 1}), features, tmp_path / "one", log=quiet)
-    single.step(global_batches(single.train_data.terms, len(single.train_data), 32, 0, 0)[0])
+def test_two_ranks_over_a_ragged_epoch_equal_one_rank_of_2b(features, tmp_path):
+    """A whole epoch whose last batch leaves rank 1 nothing: the same parameters as one process."""
+    mp.spawn(_ddp_worker, args=(2, _free_port(), features, tmp_path, RAGGED), nprocs=2, join=True)
+    single = Trainer(cfg_for(**{**RAGGED, "train.batch_size": 32}), features, tmp_path / "one", log=quiet)
+    for b in single.batches(0):
+        single.step(b)
     ddp = torch.load(tmp_path / "ddp.pt")
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_slice_sizes_and_single_process_gather():
+    from stage2_train.distributed import gather_rows, slice_sizes
+    assert slice_sizes(70, 16, 2) == [16, 16] and slice_sizes(6, 16, 2) == [6, 0] and slice_sizes(0, 4, 3) == [0, 0, 0]
+    x = torch.randn(5, 3)
+    assert gather_rows(x, [5], 8) is x
 
 
 def test_hard_negatives_can_come_from_train_terms_only(features, tmp_path):
@@ -129,3 +177,29 @@ def test_hard_negatives_can_come_from_train_terms_only(features, tmp_path):
     assert {int(tr.owner[r]) for r in mined[mined >= 0]} <= trained       # no dev/test-only term's form
     for i in np.flatnonzero(tr.seen):                                      # never a chunk's own term
         assert not set(tr.owner[tr.hard[i][tr.hard[i] >= 0]].tolist()) & set(tr.train_data.terms[i])
+
+
+def test_the_readmes_torchrun_training_command_runs(tmp_path):
+    """The cluster command exactly as the README writes it (2 CPU processes, gloo, a tiny cache)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (cmd,) = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("torchrun") and "stage2_train" in ln]
+    features = build_cache(tmp_path / "b", n_terms=12, n_train=48, n_dev=16, n_test=8)
+    shutil.move(str(features), str(tmp_path / "cache" / "features" / "syn"))
+    (tmp_path / "tiny.toml").write_text(
+        f'[cache]\nroot = "{tmp_path / "cache"}"\nname = "syn"\n'
+        '[train]\nepochs = 1\nbatch_size = 8\nproj_dim = 16\nhard_refresh = 4\nhard_k = 4\nin_memory = "yes"\n')
+    config = re.search(r"--config (\S+)", cmd).group(1)
+    run = re.search(r"--run-dir (\S+)", cmd).group(1)
+    args = cmd.replace("--nproc-per-node 8", "--nproc-per-node 2").replace(config, str(tmp_path / "tiny.toml")) \
+        .replace(run, str(tmp_path / "runs" / "base")).split()
+    args[0] = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = json.loads((tmp_path / "runs" / "base" / "finished.json").read_text())
+    assert done["steps"] == 3                          # 48 chunks in global batches of 2 x 8
