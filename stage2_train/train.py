@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.atomic import atomic_path, write_json_atomic
+from shared.atomic import atomic_path, write_json_atomic, write_text_atomic
 from shared.cache import FeatureCache, fingerprint_diff
 from shared.cli import config_options, figures
 from shared.config import Config, config_from_dict, diff_configs, save_config
@@ -42,6 +42,17 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Config keys a resumed run may change: they do not change what is trained (evaluation, threads, logging,
+# where things are, stage 1's settings, whose effect on the features the cache fingerprint checks).
+# Every other difference is refused: the resumed run would not be the run that was started.
+FREE_TO_CHANGE = ("eval.", "extract.", "data.", "backbone.", "cache.root", "train.threads", "train.tensorboard",
+                  "train.in_memory", "train.device")
+
+
+def free_to_change(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_TO_CHANGE)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -135,7 +146,8 @@ class Trainer:
         if self.rank != 0:
             return
         ckpt = {"model": self.model.state_dict(), "spec": self.spec, "state": dict(self.state),
-                "cache_fingerprint": self.cache.fingerprint, "config": self.cfg.to_dict()}
+                "cache_fingerprint": self.cache.fingerprint, "config": self.cfg.to_dict(),
+                "layout": self.layout()}
         if full:
             ckpt.update(opt=self.opt.state_dict(), memory=self.memory, seen=self.seen, hard=self.hard,
                         rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -149,6 +161,13 @@ class Trainer:
         if diff:
             raise BadInput("this run was started on a different feature cache: " + "; ".join(diff), file=path,
                            fix="resume with the cache it started on, or start a new run")
+        saved = ckpt.get("layout")
+        if saved is not None and saved != self.layout():
+            raise BadInput(f"this run was trained as {saved['world']} process(es) x batch {saved['batch_size']} "
+                           f"(global batch {saved['global_batch']}); this resume is {self.world} x "
+                           f"{self.cfg.train.batch_size}", file=path,
+                           fix=f"resume with the same layout (torchrun --nproc-per-node {saved['world']}, "
+                               f"train.batch_size={saved['batch_size']}), or start a new run")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["opt"])
         self.memory, self.seen, self.hard = ckpt["memory"], ckpt["seen"], ckpt["hard"]
@@ -156,6 +175,10 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
+
+    def layout(self) -> dict:
+        """How the epoch is cut into steps: a resume must cut it the same way to continue exactly."""
+        return {"world": self.world, "batch_size": self.cfg.train.batch_size, "global_batch": self.batch_global}
 
     # ------------------------------------------------------------------ pieces
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -267,7 +290,9 @@ class Trainer:
         if resume and last.is_file():
             # a key added to the code after the run started counts as its default, not as a change
             saved = config_from_dict(json.loads((self.run / "config.json").read_text())).to_dict()
-            diff = diff_configs(json.loads(json.dumps(saved)), json.loads(json.dumps(self.cfg.to_dict())))
+            diff = {k: v for k, v in diff_configs(json.loads(json.dumps(saved)),
+                                                  json.loads(json.dumps(self.cfg.to_dict()))).items()
+                    if not free_to_change(k)}
             if diff:
                 raise BadInput("the run was started with another config: " + "; ".join(
                     f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=self.run,
@@ -382,8 +407,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the checkpoint's step, so a resumed run's log has no duplicates."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue          # the torn last line of a run killed mid-write
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def train(cfg: Config, features: str | Path | None = None, run: str | Path = "cache/runs/demo",

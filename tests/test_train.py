@@ -203,3 +203,31 @@ def test_the_readmes_torchrun_training_command_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads((tmp_path / "runs" / "base" / "finished.json").read_text())
     assert done["steps"] == 3                          # 48 chunks in global batches of 2 x 8
+
+
+def test_resume_tolerates_a_torn_metrics_line_and_free_keys_but_not_other_changes(features, tmp_path):
+    cfg = cfg_for(**{"train.epochs": 2})
+    full = train(cfg, features, tmp_path / "full", log=quiet)
+    part = Trainer(cfg, features, tmp_path / "part", log=quiet)
+    part.fit(stop_after=part.steps_per_epoch + 2)
+    with open(tmp_path / "part/metrics.jsonl", "a") as f:
+        f.write('{"type": "step", "step": 9')                 # killed mid-write
+    with pytest.raises(BadInput, match=r"another config: loss.w_term"):
+        train(cfg_for(**{"train.epochs": 2, "loss.w_term": 0.5}), features, tmp_path / "part", resume=True, log=quiet)
+    free = cfg_for(**{"train.epochs": 2, "eval.ks": "1,5", "train.threads": 1, "eval.glossary_sizes": "50"})
+    resumed = train(free, features, tmp_path / "part", resume=True, log=quiet)
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+    assert (tmp_path / "full/metrics.jsonl").read_text() == (tmp_path / "part/metrics.jsonl").read_text()
+
+
+def test_resume_refuses_another_process_layout(features, tmp_path):
+    cfg = cfg_for(**{"train.epochs": 2})
+    part = Trainer(cfg, features, tmp_path / "r", log=quiet)
+    part.fit(stop_after=part.steps_per_epoch + 1)          # after the epoch-1 checkpoint
+    ckpt = torch.load(tmp_path / "r/last.pt", weights_only=False)
+    assert ckpt["layout"] == {"world": 1, "batch_size": 32, "global_batch": 32}
+    ckpt["layout"] = {"world": 2, "batch_size": 32, "global_batch": 64}     # as if started on 2 processes
+    torch.save(ckpt, tmp_path / "r/last.pt")
+    with pytest.raises(BadInput, match=r"trained as 2 process\(es\) x batch 32.*--nproc-per-node 2"):
+        train(cfg, features, tmp_path / "r", resume=True, log=quiet)
