@@ -528,12 +528,14 @@ def bench_train(cfg: Config, backbone, setup: TrainSetup, cached_budget: float, 
 
 
 def _read_sequentially(paths: list[Path]) -> tuple[int, float]:
-    """A plain read: every file front to back, whole, into memory of its own (what any reader must at least do)."""
-    total = 0
+    """A plain read: every file front to back, whole, into memory of its own (what any reader must at least
+    do). All of them stay in memory until the end, as the table does for in-memory training: a read whose
+    buffer is freed before the next one gets already-mapped pages back from malloc, a cost no loader that
+    keeps the data can avoid (measured: 8.8 ms instead of ~25 ms for the demo's 136 MB)."""
     t0 = time.perf_counter()
-    for p in paths:
-        total += np.fromfile(p, dtype=np.uint8).nbytes
-    return total, time.perf_counter() - t0
+    kept = [np.fromfile(p, dtype=np.uint8) for p in paths]
+    seconds = time.perf_counter() - t0
+    return sum(a.nbytes for a in kept), seconds
 
 
 def _shard_files(table) -> list[Path]:

@@ -102,8 +102,10 @@ def test_extract_writes_readable_cache_and_reruns_do_nothing(tmp_path, fmt):
     w = sf.read(tmp_path / "long.wav", dtype="float32")[0]
     expect = bb.audio_features([w[int(0.5 * 3 * 16000):int((0.5 * 3 + 1.0 + 3 * 0.4) * 16000)]])[0]
     np.testing.assert_allclose(train.item(3), expect, atol=2e-3)   # float16 on disk
-    frames, offsets = train.load()
-    np.testing.assert_array_equal(frames[offsets[3]:offsets[4]], train.item(3))
+    frames, offsets = train.load()                      # every shard read into one array, in item order
+    assert train.plan.shards > 1 and offsets[-1] == len(frames) and len(offsets) == len(train) + 1
+    for i in range(len(train)):
+        np.testing.assert_array_equal(frames[offsets[i]:offsets[i + 1]], train.item(i))
     gl = cache.table("text/glossary")
     assert len(gl) == 3 and cache.read_json("glossary.json")["keys"] == ["alpha", "beta gamma", "delta"]
     texts = cache.read_json("chunk_texts.json")
@@ -209,3 +211,36 @@ def test_a_first_run_that_finished_no_audio_does_not_block_the_fixed_rerun(tmp_p
         extract(cfg, backbone=FakeBackbone(), log=quiet)
     path.write_text(good)                        # the user fixes the manifest: no --force needed
     assert extract(cfg, backbone=FakeBackbone(), log=quiet)["complete"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_shard_read_into_equals_the_format_readers_own(tmp_path, fmt):
+    """read_into (zarr: chunk files read in place) equals the library's read: several chunks, an edge chunk
+    stored whole, and an all-zero chunk zarr never writes."""
+    from shared.cache import ShardReader, write_shard_file
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((20000, 6)).astype(np.float16)
+    frames[8192:16384] = 0                                # the second chunk holds only the fill value
+    offsets = np.array([0, 5000, 20000])
+    path = tmp_path / ("s" + {"zarr": ".zarr", "hdf5": ".h5"}[fmt])
+    write_shard_file(path, frames, offsets, fmt)
+    if fmt == "zarr":
+        assert not (path / "frames" / "c" / "1" / "0").exists() and (path / "frames" / "c" / "2" / "0").exists()
+    r = ShardReader(path, fmt)
+    out = np.full((20000, 6), 7, dtype=np.float16)
+    r.read_into(out)
+    np.testing.assert_array_equal(out, frames)
+    np.testing.assert_array_equal(out, r.frames_all())
+
+
+def test_zarr_items_read_from_raw_chunks_equal_zarrs_own(tmp_path):
+    from shared.cache import ShardReader, write_shard_file
+    rng = np.random.default_rng(1)
+    frames = rng.standard_normal((20000, 4)).astype(np.float16)
+    frames[8192:16384] = 0
+    offsets = np.array([0, 3, 8190, 8200, 9000, 16390, 20000])   # items across chunk edges and the empty one
+    write_shard_file(tmp_path / "s.zarr", frames, offsets, "zarr")
+    r = ShardReader(tmp_path / "s.zarr", "zarr")
+    assert r._raw is not None
+    for i in range(len(offsets) - 1):
+        np.testing.assert_array_equal(r.item(i), np.asarray(r._frames[offsets[i]:offsets[i + 1]]))
