@@ -127,6 +127,11 @@ class TrainConfig:
                                                # the first N epochs only (curriculum); 0 = in every epoch
     hard_k: int = 8                            # mined hard negatives per chunk
     hard_refresh: int = 100                    # steps between hard-negative refreshes
+    mine_index: str = "auto"                   # FAISS factory string the negatives are searched in; "auto" =
+                                               # exact below 20,000 glossary rows, IVF above (stage2_train/mining.py)
+    hard_exclude_top: int = 0                  # skip the N best non-positive candidates (likeliest unlabelled synonyms)
+    hard_max_score: float = 1.0                # drop candidates scoring above this cosine (1.0 = off)
+    hard_margin: float = -1.0                  # drop candidates scoring above (best positive - margin); < 0 = off
     mine_from: str = "train"                   # glossary rows hard negatives come from: "train" (terms of the
                                                # train split only: no dev/test term's form is ever seen in
                                                # training, as with a glossary known only at test time) or "all".

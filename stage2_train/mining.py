@@ -22,12 +22,19 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _inner_product_index(glossary: np.ndarray):
-    index = faiss.IndexFlatIP(glossary.shape[1])
-    if faiss.get_num_gpus() > 0:  # only GPU builds of faiss have the function
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(glossary)
-    return index
+ANN_MIN_ROWS = 20_000     # "auto": exact search below this many glossary rows, IVF above
+
+
+def mining_index(glossary: np.ndarray, factory: str = "auto"):
+    """The index negatives are searched in. Negatives need not be the exact top-k, only hard ones, so a
+    big glossary gets an IVF index (`auto`: IVF{~sqrt(G)},Flat, nprobe 16, above ANN_MIN_ROWS rows; its
+    recall of the exact negatives is measured by `make bench`); any FAISS factory string otherwise."""
+    from shared.index import build_index, pow2_nlist
+    if factory == "auto":
+        if len(glossary) < ANN_MIN_ROWS:
+            return build_index(glossary, "Flat")
+        return build_index(glossary, f"IVF{pow2_nlist(len(glossary))},Flat", nprobe=16, train_per_list=64)
+    return build_index(glossary, factory)
 
 
 def _summary(x: np.ndarray) -> dict:
@@ -43,16 +50,17 @@ def mine_hard_negatives(audio_emb: np.ndarray, glossary_emb: np.ndarray,
                         positives: Sequence[set[int]], equivalent: Mapping[int, int] | None = None,
                         k: int = 8, exclude_top: int = 0, absolute_margin: float | None = None,
                         relative_margin: float | None = None, max_score: float | None = None,
-                        depth: int | None = None, block: int = 65536) -> tuple[np.ndarray, dict]:
+                        depth: int | None = None, block: int = 65536, index_factory: str = "auto"
+                        ) -> tuple[np.ndarray, dict]:
     """Top-k glossary terms per chunk that are neither its terms nor aliases of them.
 
     audio_emb (N, D) chunk embeddings, glossary_emb (G, D) term embeddings (both L2-normalised
     here, so scores are cosines), positives[i] the term ids of chunk i (empty for no-term chunks),
     equivalent: term id -> group id (its main term's id); ids of a positive's group are excluded.
 
-    Candidates come from an exact inner-product search (IndexFlatIP, on every GPU faiss sees) of
-    `depth` terms per chunk, default k + exclude_top + (most ids any chunk must exclude) + k, and
-    pass these filters in order, each counted in the stats:
+    Candidates come from an inner-product search (`mining_index`: exact below ANN_MIN_ROWS glossary
+    rows, IVF above; on every GPU faiss sees) of `depth` terms per chunk, default k + exclude_top +
+    (most ids any chunk must exclude) + k, and pass these filters in order, each counted in the stats:
       positive_or_alias  a term of the chunk or of its group;
       exclude_top        the `exclude_top` best remaining candidates, the likeliest unlabelled
                          synonyms;
@@ -100,7 +108,7 @@ def mine_hard_negatives(audio_emb: np.ndarray, glossary_emb: np.ndarray,
     removed = {"positive_or_alias": 0, "exclude_top": 0, "max_score": 0, "margin": 0}
     out = np.full((n, k), -1, dtype=np.int64)
     pos_scores, neg_scores = [], []
-    index = _inner_product_index(glossary) if g and k else None
+    index = mining_index(glossary, index_factory) if g and k else None
 
     for lo in range(0, n if index is not None else 0, block):
         hi = min(lo + block, n)

@@ -210,9 +210,13 @@ class Trainer:
                            fix="use all or train")
         local = {int(r): j for j, r in enumerate(rows)}
         positives = [{local[r] for r in self.train_rows[i] if r in local} for i in idx]
+        t = self.cfg.train
         ids, stats = mine_hard_negatives(self.memory[idx], gloss[rows], positives,
                                          equivalent={j: int(self.owner[r]) for j, r in enumerate(rows)},
-                                         k=self.cfg.train.hard_k)
+                                         k=t.hard_k, exclude_top=t.hard_exclude_top,
+                                         max_score=t.hard_max_score if t.hard_max_score < 1.0 else None,
+                                         absolute_margin=t.hard_margin if t.hard_margin >= 0 else None,
+                                         index_factory=t.mine_index)
         self.hard[idx] = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
         self.mining_seconds += time.time() - t0
         return stats

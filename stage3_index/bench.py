@@ -113,11 +113,6 @@ def refresh_share(refresh_seconds: float, step_seconds: float, every: int) -> fl
     return refresh_seconds / (every * step_seconds + refresh_seconds)
 
 
-def pow2_nlist(n: int) -> int:
-    """IVF list count: the power of two nearest sqrt(n) (at least 16)."""
-    return max(16, 2 ** round(math.log2(math.sqrt(n))))
-
-
 # Qwen2-Audio-7B's audio tower and language model, from its config.json (the LM's text_config
 # leaves hidden size, layers and heads at the Qwen2 defaults: 4096, 32, 32).
 QWEN2_AUDIO_TOWER = dict(layers=32, d_model=1280, heads=20, ffn=5120, mels=128, positions=1500)
@@ -226,7 +221,8 @@ def format_table(report: dict, details: dict) -> str:
         r, d = report["mining"], details.get("mining", {})
         rows.append(("mining", f"{r['glossary_size']:,} terms x {d.get('chunks', '?')} chunks: refresh "
                      f"{_g(r['refresh_seconds'])} s, every {d.get('hard_refresh', '?')} steps of "
-                     f"{_g(d.get('step_seconds', float('nan')))} s -> {r['fraction_of_train']:.3f} of training"))
+                     f"{_g(d.get('step_seconds', float('nan')))} s -> {r['fraction_of_train']:.3f} of training; "
+                     f"{r.get('negatives_recall_vs_exact', float('nan')):.3f} of the exact negatives kept"))
     if "index" in report:
         for n, r in report["index"].items():
             f = details.get("index", {}).get(n, {})
@@ -656,12 +652,14 @@ def synthetic_table(trainer, lm_items: list[np.ndarray]):
     return TermTable(lm_items if side.lm is not None else None, np.arange(n), grams, np.arange(n))
 
 
-def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_around: int = 5) -> tuple[dict, dict]:
+def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, run: str | Path = "cache/runs/demo",
+                 features: Path | None = None, out: Path = Path("cache/bench"),
+                 steps_around: int = 5) -> tuple[dict, dict]:
     """One refresh over a synthetic glossary, between `steps_around` cached steps before and after it
     (their mean is the step time of the share), all with the training's thread count."""
     trainer, batches = setup.trainer, setup.batches
     dim = int(trainer.cache.index["dims"]["text"])
-    real = trainer.gloss, trainer.equivalent
+    real = trainer.gloss, trainer.equivalent, trainer.owner
     synthetic = synthetic_table(trainer, synthetic_glossary(glossary_size, dim, seed=1))
     # After a full epoch every chunk has an embedding; the steps timed here saw only some, so the
     # others get random unit vectors (the search costs the same whatever the values).
@@ -677,13 +675,18 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_
         for b in around[:steps_around]:
             trainer.step(b)
         before = time.perf_counter() - t0
-        (trainer.gloss, trainer.equivalent), hard = (synthetic, {}), trainer.hard.copy()
+        (trainer.gloss, trainer.equivalent, trainer.owner), hard = (synthetic, {}, np.arange(glossary_size)), \
+            trainer.hard.copy()
+        mine_from, trainer.cfg.train.mine_from = trainer.cfg.train.mine_from, "all"
         try:
             trainer.mining_seconds = 0.0
+            # every synthetic row is searched: with mine_from = "train" only the rows of terms the train split
+            # holds would be (a few hundred of the 100,000 here), which is not what the figure is about
             stats = trainer.refresh_hard_negatives()
             seconds = trainer.mining_seconds
         finally:   # the mined ids point into the synthetic glossary: the real one comes back with its ids
-            (trainer.gloss, trainer.equivalent), trainer.hard = real, hard
+            (trainer.gloss, trainer.equivalent, trainer.owner), trainer.hard = real, hard
+            trainer.cfg.train.mine_from = mine_from
         t0 = time.perf_counter()
         for b in around[steps_around:]:
             trainer.step(b)
@@ -691,8 +694,9 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_
     step_seconds = (before + after) / len(around)
     every = cfg.train.hard_refresh
     share = refresh_share(seconds, step_seconds, every)
+    recall, recall_how = negatives_recall(cfg, run, features, out, glossary_size, log)
     report = {"glossary_size": glossary_size, "refresh_seconds": round(seconds, 3),
-              "fraction_of_train": round(share, 4)}
+              "fraction_of_train": round(share, 4), "negatives_recall_vs_exact": round(recall, 3)}
     details = {"chunks": int(trainer.seen.sum()), "text_dim": dim, "hard_refresh": every,
                "step_seconds": round(step_seconds, 4), "threads": setup.step_threads,
                "search_seconds": round(stats.get("seconds", float("nan")), 3),
@@ -700,13 +704,42 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, steps_
                "random_memory_rows": int(len(unseen)),
                "what": "Trainer.refresh_hard_negatives with an embedding for every train chunk (as after epoch 0; "
                        "rows no timed step produced are random unit vectors): the text head over the synthetic "
-                       "glossary's cached features (float16, 3-8 tokens of the real width), then the exact FAISS "
-                       f"search and filters; step time = mean of the {len(around)} cached steps timed around it; "
+                       "glossary's cached features (float16, 3-8 tokens of the real width), then the FAISS "
+                       f"search of all its rows (mine_from = all) and the filters; step time = mean of the {len(around)} cached steps timed around it; "
                        "fraction = refresh / (hard_refresh x step + refresh)"}
+    details["index"] = cfg.train.mine_index
+    details["recall"] = recall_how
     log(f"mining: {glossary_size:,} terms, {details['chunks']} chunks: refresh {seconds:.2f} s (text head "
         f"{details['text_head_seconds']:.2f} s, search {details['search_seconds']:.2f} s) every {every} steps of "
-        f"{step_seconds:.3f} s -> {share:.3f} of training")
+        f"{step_seconds:.3f} s -> {share:.3f} of training; the index keeps {recall:.3f} of the exact negatives")
     return report, details
+
+
+def negatives_recall(cfg: Config, run: str | Path, features: Path, out: Path, n_terms: int, log
+                     ) -> tuple[float, dict]:
+    """Share of the exact search's top-k negatives that the configured index (train.mine_index) also
+    finds, where it matters: the trained run's dev-chunk embeddings against `n_terms` real-looking names
+    (random vectors have no neighbourhoods, so no approximate index would find theirs)."""
+    from shared.cache import FeatureCache
+    from shared.heads import embed
+    from stage2_train.data import SplitData
+    from stage2_train.mining import mine_hard_negatives
+    from stage3_index.retriever import Retriever
+    run = Path(run)
+    if not (run / "best.pt").is_file():
+        log(f"mining: no trained run in {run}: the recall of the approximate search is not measured")
+        return float("nan"), {"run": str(run), "measured": False}
+    r = Retriever.load(run, glossary=stream_glossary(features, n_terms, out / "mining_glossary.txt"),
+                       threshold=0.0, log=None)
+    dev = SplitData(FeatureCache(features), "dev", in_memory="no")
+    audio = embed(r.model.audio, dev.audio.items(range(len(dev))))
+    none = [set() for _ in range(len(audio))]
+    k = cfg.train.hard_k
+    exact, _ = mine_hard_negatives(audio, r.glossary.vectors, none, k=k, index_factory="Flat")
+    approx, _ = mine_hard_negatives(audio, r.glossary.vectors, none, k=k, index_factory=cfg.train.mine_index)
+    recall = float(np.mean([len(set(a) & set(e)) / max(1, len(set(e))) for a, e in zip(approx, exact)]))
+    return recall, {"run": str(run), "measured": True, "glossary_rows": len(r.glossary.vectors),
+                    "dev_chunks": len(audio), "k": k, "index": cfg.train.mine_index}
 
 
 def bench_index(sizes: list[int], n_queries: int, exact_queries: dict, dim: int, log) -> tuple[dict, dict]:
@@ -715,7 +748,7 @@ def bench_index(sizes: list[int], n_queries: int, exact_queries: dict, dim: int,
     nprobe = the smallest power of two whose recall on the first half of the exact queries is >= 0.96."""
     import faiss
 
-    from stage3_index.index import build_index, search
+    from shared.index import build_index, pow2_nlist, search
     report, details = {}, {}
     for n in sizes:
         t_part = time.perf_counter()
@@ -843,14 +876,22 @@ def talk_audio(manifest: Path, seconds: float) -> np.ndarray:
 
 
 def stream_glossary(features: Path, n_terms: int, path: Path) -> Path:
-    """A glossary file of `n_terms` (the demo's terms, then real distractor names), one per line."""
+    """A glossary file of `n_terms` real-looking names, one per line: the demo's terms, the cache's real
+    distractor names, then two-word combinations of its one-word names (as many as needed)."""
+    import itertools
     from shared.cache import FeatureCache
+    from shared.glossary import normalize
     cache = FeatureCache(features)
     terms = list(cache.read_json("glossary.json")["texts"])
-    if (cache.root / "distractors.json").is_file():
-        terms += cache.read_json("distractors.json")
-    if len(terms) < n_terms:
-        terms += [f"synthetic term {i}" for i in range(n_terms - len(terms))]
+    names = cache.read_json("distractors.json") if (cache.root / "distractors.json").is_file() else []
+    terms += names
+    words = [w for w in names if " " not in w] or ["alpha", "beta", "gamma", "delta"]
+    seen = {normalize(t) for t in terms}
+    for a, b in itertools.product(words, words):
+        if len(terms) >= n_terms:
+            break
+        if a != b and normalize(f"{a} {b}") not in seen:
+            terms.append(f"{a} {b}")
     path.write_text("\n".join(terms[:n_terms]) + "\n", encoding="utf-8")
     return path
 
@@ -957,7 +998,8 @@ def run_bench(cfg: Config, out: str | Path, *, quick: bool = False, parts=PARTS,
             report["train"], details["train"] = timed("train", bench_train, cfg, backbone, setup,
                                                       size["cached_budget_s"], log, earlier)
         if "mining" in parts:
-            report["mining"], details["mining"] = timed("mining", bench_mining, cfg, setup, size["glossary"], log)
+            report["mining"], details["mining"] = timed("mining", bench_mining, cfg, setup, size["glossary"], log,
+                                                        run, features, out)
         del setup, backbone
     if "loader" in parts:
         report["loader"], details["loader"] = timed("loader", bench_loader, cfg, features, out, log)

@@ -42,7 +42,7 @@ from shared.glossary import normalize
 from shared.heads import checkpoint_path, embed, load_model
 from shared.termside import embed_glossary, embed_text_table, rows_to_terms
 from stage2_train.data import SplitData
-from stage3_index.index import build_index, load_index_if, save_index, search
+from shared.index import build_index, load_index_if, save_index, search
 from shared.metrics import auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold
 
 # What makes two caches' features comparable: same models and weights, taps, text field, features.

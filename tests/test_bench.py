@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stage3_index.bench import (QWEN2_AUDIO_LM, QWEN2_AUDIO_TOWER, clustered_vectors, flops_table, format_table,
-                                lm_flops, perturbed_queries, pooled_cosines, pow2_nlist, recall_vs_exact,
+                                lm_flops, perturbed_queries, pooled_cosines, recall_vs_exact,
                                 refresh_share, scaled_seconds, synthetic_glossary, target_met, tower_flops)
 
 
@@ -47,6 +47,7 @@ def test_scaling_and_shares():
     with pytest.raises(ValueError):
         scaled_seconds(1.0, 0, 10)
     assert refresh_share(5.0, 0.5, 100) == pytest.approx(5 / 55)
+    from shared.index import pow2_nlist
     assert pow2_nlist(100_000) == 256 and pow2_nlist(1_000_000) == 1024 and pow2_nlist(100) == 16
 
 

@@ -7,7 +7,7 @@ import pytest
 from stage2_train.train import train
 from stage3_index.compare import compare
 from stage3_index.evaluate import evaluate
-from stage3_index.index import build_index, search
+from shared.index import build_index, search
 from tests.synthetic import build_cache
 from tests.test_train import cfg_for
 

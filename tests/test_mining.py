@@ -110,3 +110,15 @@ def test_bad_positive_id_names_the_chunk():
     _, glossary = ladder()
     with pytest.raises(ValueError, match="chunk 1"):
         mine_hard_negatives(glossary[:2], glossary, [{0}, {99}], k=2)
+
+
+def test_the_mining_index_is_exact_for_small_glossaries_and_ivf_for_big_ones():
+    import faiss
+    from stage2_train.mining import ANN_MIN_ROWS, mining_index
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((100, 8)).astype(np.float32)
+    big = rng.standard_normal((ANN_MIN_ROWS, 8)).astype(np.float32)
+    assert isinstance(mining_index(small), faiss.IndexFlat)
+    ivf = mining_index(big)
+    assert isinstance(faiss.extract_index_ivf(ivf), faiss.IndexIVF) and faiss.extract_index_ivf(ivf).nprobe == 16
+    assert isinstance(mining_index(big, "Flat"), faiss.IndexFlat)

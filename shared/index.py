@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import faiss
@@ -40,6 +41,11 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", *, seed: int = 0, np
         except (RuntimeError, AttributeError):
             pass  # some index types have no GPU version; the CPU one answers the same queries
     return index
+
+
+def pow2_nlist(n: int) -> int:
+    """IVF list count for n vectors: the power of two nearest sqrt(n) (at least 16)."""
+    return max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))
 
 
 def _nlist(factory: str) -> int:
