@@ -244,3 +244,9 @@ def test_zarr_items_read_from_raw_chunks_equal_zarrs_own(tmp_path):
     assert r._raw is not None
     for i in range(len(offsets) - 1):
         np.testing.assert_array_equal(r.item(i), np.asarray(r._frames[offsets[i]:offsets[i + 1]]))
+
+
+def test_extract_asks_glibc_to_return_freed_memory():
+    import platform
+    from stage1_extract.extract import return_freed_memory
+    assert return_freed_memory() == (platform.libc_ver()[0] == "glibc")
