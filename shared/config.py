@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.atomic import write_text_atomic
 from shared.errors import BadInput
 
 
@@ -140,8 +141,8 @@ class TrainConfig:
     in_memory: str = "auto"                    # "auto" | "yes" | "no"
     limit: int = 0
     device: str = "auto"
-    threads: int = 0                           # CPU threads for torch; 0 = torch's default (small heads
-                                               # run fastest on 1: more threads only wait on each other)
+    threads: int = 0                           # CPU threads for torch; 0 = torch's default (the demo's
+                                               # text side: 0.13 s/step on 2 threads, 0.18 on 1)
 
 
 @dataclass
@@ -284,10 +285,9 @@ def config_from_dict(data: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (JSON) beside a stage's outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    """Write the resolved config (JSON) beside a stage's outputs; atomically (a resume and `eval` read it, and
+    a run killed while writing it must not leave half a config)."""
+    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -105,7 +105,8 @@ class TextSide(nn.Module):
             raise ValueError(f"text.encoders {self.encoders}: choose from {', '.join(TEXT_PARTS)}")
         self.lm = lm if "lm" in self.encoders else None
         self.uses_forms = any(e in FORM_PARTS for e in self.encoders)
-        self.bag = nn.EmbeddingBag(buckets, bag_dim, mode="mean") if self.uses_forms else None
+        # sparse gradients: a batch touches a few thousand of the `buckets` rows (SparseAdam updates only them)
+        self.bag = nn.EmbeddingBag(buckets, bag_dim, mode="mean", sparse=True) if self.uses_forms else None
         if self.bag is not None:
             nn.init.normal_(self.bag.weight, std=0.1)
         in_dim = (lm.out_dim if self.lm is not None else 0) + (bag_dim if self.bag is not None else 0)

@@ -90,8 +90,9 @@ def global_batches(terms: list[list[int]], n: int, batch_size: int, seed: int, e
     round-robin over the batches (largest terms first, while every batch still has room), so a term
     with at most as many items as there are batches never repeats in one. A term more frequent than
     that (the head of a Zipf distribution) cannot keep the cap; its overflow is spread as evenly as
-    the dealing allows, and `stats["overflow"]` counts it (the loss masks repeated terms, so they are
-    never each other's negatives: repeats only waste a slot). Linear in the number of items.
+    the dealing allows; `stats["overflow"]` counts the items placed over the cap and `stats["over_cap_terms"]`
+    the terms too frequent to keep it (the loss masks repeated terms, so they are never each other's
+    negatives: repeats only waste a slot). Linear in the number of items.
     """
     rng = np.random.default_rng([seed, epoch])
     # `subset`: the items this epoch uses (e.g. without pseudo-term chunks after the curriculum)
@@ -156,6 +157,7 @@ def global_batches(terms: list[list[int]], n: int, batch_size: int, seed: int, e
         b = (b + 1) % n_batches
     if stats is not None:
         stats["overflow"] = overflow
+        stats["over_cap_terms"] = sum(1 for f in freq.values() if f > n_batches * term_cap)
     # the short batch stays last; the full ones in random order, each shuffled
     full = [np.array(x, dtype=np.int64)[rng.permutation(len(x))] for x in out[:-1]]
     last = np.array(out[-1], dtype=np.int64)[rng.permutation(len(out[-1]))]

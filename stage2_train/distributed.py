@@ -46,14 +46,16 @@ def gather_rows(local: torch.Tensor, sizes: list[int], per_rank: int) -> torch.T
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
-def average_gradients(params, world: int) -> None:
-    """Mean of each trainable parameter's gradient over the ranks (missing gradients count as zero)."""
+def average_gradients(params, world: int, sparse=frozenset()) -> None:
+    """Mean of each trainable parameter's gradient over the ranks (missing gradients count as zero).
+    Parameters whose id is in `sparse` (the n-gram bag) get their gradient back as a sparse tensor, which
+    their optimizer needs; it is reduced dense (every backend can)."""
     if world == 1:
         return
     for p in params:
         if not p.requires_grad:
             continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+        g = torch.zeros_like(p) if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad)
+        dist.all_reduce(g)
+        g /= world
+        p.grad = g.to_sparse() if id(p) in sparse else g

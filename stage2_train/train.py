@@ -55,6 +55,65 @@ def free_to_change(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_TO_CHANGE)
 
 
+class Optimizers:
+    """AdamW for the heads (lr) and the exported top layers (top_lr); SparseAdam for the text side's n-gram
+    bag, whose gradient is sparse: a batch touches a few thousand of its 65,536 rows, and a dense Adam
+    update of all of them (16.7M numbers) was half of every step. One object for the loop's calls."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, top_lr: float, weight_decay: float):
+        bag = getattr(getattr(model, "text", None), "bag", None)
+        self.sparse_params = {id(bag.weight)} if bag is not None and bag.sparse else set()
+        top, heads = [], []
+        for name, p in model.named_parameters():
+            if id(p) not in self.sparse_params:
+                (top if ".top." in name else heads).append(p)
+        groups = [{"params": heads, "lr": lr}] + ([{"params": top, "lr": top_lr}] if top else [])
+        self.parts = [torch.optim.AdamW(groups, weight_decay=weight_decay)]
+        if self.sparse_params:
+            self.parts.append(torch.optim.SparseAdam([bag.weight], lr=lr))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def state_dict(self) -> list[dict]:
+        return [o.state_dict() for o in self.parts]
+
+    def load_state_dict(self, states) -> None:
+        states = states if isinstance(states, list) else [states]
+        if len(states) != len(self.parts):
+            raise BadInput("the checkpoint's optimizer does not match this text side (sparse n-gram bag or not)",
+                           fix="resume with the code the run started with, or start a new run")
+        for o, st in zip(self.parts, states):
+            o.load_state_dict(st)
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> float:
+    """torch's clip_grad_norm_ for dense and sparse gradients alike (its own refuses sparse ones)."""
+    params = [p for p in params if p.grad is not None]
+    for p in params:                      # coalesced once here; the optimizer then finds it so
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    grads = [p.grad for p in params]
+    if not grads:
+        return 0.0
+    total = torch.sqrt(sum(((g.values() if g.is_sparse else g).float() ** 2).sum() for g in grads))
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return float(total)
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -120,18 +179,18 @@ class Trainer:
             self.equivalent.update({R + j: n_terms + j for j in range(len(pseudo))})
             for i in np.flatnonzero(self.is_pseudo):
                 self.train_rows[i] = [row_of[t] for t in d.pseudo[i]]
-        top, heads = [], []
-        for name, p in self.model.named_parameters():
-            (top if ".top." in name else heads).append(p)
-        groups = [{"params": heads, "lr": t.lr}]
-        if top:
-            groups.append({"params": top, "lr": t.top_lr})
-        self.opt = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
-        self.base_lrs = [g["lr"] for g in groups]
+        self.opt = Optimizers(self.model, t.lr, t.top_lr, t.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         L = cfg.loss
         self.loss = RetrievalLoss(L.w_text, L.w_term, L.w_reject, L.w_hard, L.reject_margin)
         self.batch_global = t.batch_size * self.world
-        self.steps_per_epoch = len(self.batches(0))
+        cap = {}
+        self.steps_per_epoch = len(self.batches(0, cap))
+        if cap.get("overflow") and self.rank == 0:     # said once: every epoch's batches are dealt alike
+            log(f"train.term_cap {t.term_cap} not kept for {cap['overflow']} of {len(self.train_data)} chunks "
+                f"({cap['over_cap_terms']} term(s) have more chunks than {self.steps_per_epoch} batches x "
+                f"{t.term_cap}): they share a batch with their term; batches stay full and the loss masks "
+                f"the repeats")
         self.total_steps = t.epochs * self.steps_per_epoch
         n = len(self.train_data)
         self.memory = np.zeros((n, t.proj_dim), dtype=np.float32)   # latest audio embedding per chunk
@@ -181,13 +240,14 @@ class Trainer:
         return {"world": self.world, "batch_size": self.cfg.train.batch_size, "global_batch": self.batch_global}
 
     # ------------------------------------------------------------------ pieces
-    def batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int, stats: dict | None = None) -> list[np.ndarray]:
         """The epoch's global batches; pseudo-term chunks drop out after `train.pseudo_epochs`."""
         t, n = self.cfg.train, len(self.train_data)
         subset = None
         if t.pseudo_epochs and epoch >= t.pseudo_epochs and self.is_pseudo[:n].any():
             subset = np.flatnonzero(~self.is_pseudo[:n])
-        return global_batches(self.train_data.terms, n, self.batch_global, t.seed, epoch, t.term_cap, subset)
+        return global_batches(self.train_data.terms, n, self.batch_global, t.seed, epoch, t.term_cap, subset,
+                              stats)
 
     def text_embed(self, table, idx) -> torch.Tensor:
         # numpy's global generator: seeded by _seed and saved in checkpoints, so resume stays exact
@@ -265,16 +325,18 @@ class Trainer:
             hard_ids = self.hard[batch]
             hard = hard_mask = None
             if (hard_ids >= 0).any():
-                flat = np.maximum(hard_ids.reshape(-1), 0)
-                hard = self.text_embed(self.gloss, flat).view(len(batch), hard_ids.shape[1], -1)
+                # a row is mined for many chunks of a batch: each distinct row goes through the text side once
+                rows, where = np.unique(np.maximum(hard_ids.reshape(-1), 0), return_inverse=True)
+                hard = self.text_embed(self.gloss, rows)[torch.from_numpy(where.reshape(-1)).to(self.device)]
+                hard = hard.view(len(batch), hard_ids.shape[1], -1)
                 hard_mask = torch.from_numpy(hard_ids >= 0).to(self.device)
             total, parts = self.loss(audio.float(), text.float(), terms.float(), pos, ignore,
                                      self.model.logit_scale(), text_same=same,
                                      hard=None if hard is None else hard.float(), hard_mask=hard_mask)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        distributed.average_gradients(self.model.parameters(), self.world)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        distributed.average_gradients(self.model.parameters(), self.world, sparse=self.opt.sparse_params)
+        clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         f = lr_factor(self.state["step"], self.cfg.train.warmup_steps, self.total_steps)
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * f

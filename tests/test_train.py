@@ -71,6 +71,15 @@ def test_sampler_on_zipf_terms_makes_full_batches_and_keeps_the_cap_where_possib
         assert stats["overflow"] > 0                      # the head terms cannot keep it
 
 
+def test_the_trainer_says_once_when_the_term_cap_cannot_be_kept(features, tmp_path):
+    said = []
+    Trainer(cfg_for(**{"train.batch_size": 80}), features, tmp_path / "a", log=said.append)   # 2 batches
+    assert len([m for m in said if "train.term_cap 1 not kept for" in m]) == 1, said
+    said.clear()
+    Trainer(cfg_for(**{"train.batch_size": 8}), features, tmp_path / "b", log=said.append)    # 20 batches
+    assert not [m for m in said if "term_cap" in m], said
+
+
 def test_training_learns_and_writes_the_run(features, tmp_path):
     run = tmp_path / "run"
     tr = train(cfg_for(), features, run, log=quiet)
@@ -131,33 +140,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# 70 train chunks in global batches of 32 (2 ranks x 16): 32, 32, 6 -> in the last step rank 0 has 6
-# items and rank 1 none
-RAGGED = {"train.batch_size": 16, "train.epochs": 1, "train.limit": 70}
+# Global batches of 32 (2 ranks x 16). 70 train chunks: 32, 32, 6 -> in the last step rank 0 has 6 items
+# and rank 1 none. 86 chunks: 32, 32, 22 -> rank 0 a full slice, rank 1 a short one (6).
+RAGGED = {"train.batch_size": 16, "train.epochs": 1}
+LAST_SLICES = {70: [6, 0], 86: [16, 6]}
 
 
 def _ddp_worker(rank, world, port, features, out, over):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    tr = Trainer(cfg_for(**over), features, out / f"rank{rank}", log=quiet)
-    batches = tr.batches(0)
-    assert [len(b) for b in batches] == [32, 32, 6]
-    for b in batches:
-        tr.step(b)
-    if rank == 0:
-        torch.save(tr.model.state_dict(), out / "ddp.pt")
+    from stage2_train.distributed import slice_sizes
+    for limit, last in LAST_SLICES.items():
+        tr = Trainer(cfg_for(**over, **{"train.limit": limit}), features, out / f"rank{rank}-{limit}", log=quiet)
+        batches = tr.batches(0)
+        assert [len(b) for b in batches] == [32, 32, limit - 64]
+        assert slice_sizes(len(batches[-1]), 16, world) == last
+        for b in batches:
+            tr.step(b)
+        if rank == 0:
+            torch.save(tr.model.state_dict(), out / f"ddp-{limit}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_over_a_ragged_epoch_equal_one_rank_of_2b(features, tmp_path):
-    """A whole epoch whose last batch leaves rank 1 nothing: the same parameters as one process."""
+    """Whole epochs whose last batch leaves rank 1 nothing, or less than rank 0: the same parameters as one
+    process with the global batch."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), features, tmp_path, RAGGED), nprocs=2, join=True)
-    single = Trainer(cfg_for(**{**RAGGED, "train.batch_size": 32}), features, tmp_path / "one", log=quiet)
-    for b in single.batches(0):
-        single.step(b)
-    ddp = torch.load(tmp_path / "ddp.pt")
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+    for limit in LAST_SLICES:
+        single = Trainer(cfg_for(**{**RAGGED, "train.limit": limit, "train.batch_size": 32}), features,
+                         tmp_path / f"one-{limit}", log=quiet)
+        for b in single.batches(0):
+            single.step(b)
+        ddp = torch.load(tmp_path / f"ddp-{limit}.pt")
+        for k, v in single.model.state_dict().items():
+            torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"limit {limit}, {k}: {m}")
 
 
 def test_slice_sizes_and_single_process_gather():
