@@ -196,7 +196,8 @@ def test_hard_negatives_can_come_from_train_terms_only(features, tmp_path):
 
 
 def test_the_readmes_torchrun_training_command_runs(tmp_path):
-    """The cluster command exactly as the README writes it (2 CPU processes, gloo, a tiny cache)."""
+    """The cluster command exactly as the README writes it (2 CPU processes, gloo, a tiny cache), over an
+    epoch whose last step leaves rank 1 nothing, with a hard-negative refresh on the way."""
     import re
     import shutil
     import subprocess
@@ -204,11 +205,11 @@ def test_the_readmes_torchrun_training_command_runs(tmp_path):
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (cmd,) = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("torchrun") and "stage2_train" in ln]
-    features = build_cache(tmp_path / "b", n_terms=12, n_train=48, n_dev=16, n_test=8)
+    features = build_cache(tmp_path / "b", n_terms=12, n_train=50, n_dev=16, n_test=8)
     shutil.move(str(features), str(tmp_path / "cache" / "features" / "syn"))
     (tmp_path / "tiny.toml").write_text(
         f'[cache]\nroot = "{tmp_path / "cache"}"\nname = "syn"\n'
-        '[train]\nepochs = 1\nbatch_size = 8\nproj_dim = 16\nhard_refresh = 4\nhard_k = 4\nin_memory = "yes"\n')
+        '[train]\nepochs = 1\nbatch_size = 8\nproj_dim = 16\nhard_refresh = 2\nhard_k = 4\nin_memory = "yes"\n')
     config = re.search(r"--config (\S+)", cmd).group(1)
     run = re.search(r"--run-dir (\S+)", cmd).group(1)
     args = cmd.replace("--nproc-per-node 8", "--nproc-per-node 2").replace(config, str(tmp_path / "tiny.toml")) \
@@ -217,8 +218,9 @@ def test_the_readmes_torchrun_training_command_runs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 2 hard negatives" in res.stdout
     done = json.loads((tmp_path / "runs" / "base" / "finished.json").read_text())
-    assert done["steps"] == 3                          # 48 chunks in global batches of 2 x 8
+    assert done["steps"] == 4                          # 50 chunks in global batches of 2 x 8: 16, 16, 16, 2
 
 
 def test_resume_tolerates_a_torn_metrics_line_and_free_keys_but_not_other_changes(features, tmp_path):
