@@ -349,10 +349,68 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train epoch by epoch from where the run stands (a new run, or its last checkpoint with
+        `resume`): refresh hard negatives every `hard_refresh` steps, evaluate on dev at each epoch's end
+        (or every `eval_every` steps), keep best.pt and last.pt, stop early after `patience` evaluations
+        without gain. `stop_after` steps (tests: a killed run) returns mid-way."""
         t = self.cfg.train
         self.run.mkdir(parents=True, exist_ok=True)
-        last, best = self.run / "last.pt", self.run / "best.pt"
-        metrics_path = self.run / "metrics.jsonl"
+        self._start(resume)
+        if self.state["done"]:
+            self.log("run already finished")
+            if self.rank == 0:
+                self._mark_finished()
+            return self.state
+        self.tensorboard = TensorBoard(self.run, t.tensorboard and self.rank == 0, self.log)
+        t0 = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
+                   disable=self.rank != 0, mininterval=1.0)
+        steps_this_call = 0
+        while self.state["epoch"] < t.epochs and not self.state["done"]:
+            batches = self.batches(self.state["epoch"])
+            while self.state["batch"] < len(batches):
+                if self._mining_due():
+                    stats = self.refresh_hard_negatives()
+                    if stats and self.rank == 0:
+                        self.log(f"step {self.state['step']} hard negatives: {format_stats(stats)}")
+                parts = self.step(batches[self.state["batch"]])
+                self.state["batch"] += 1
+                self.state["step"] += 1
+                steps_this_call += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['total']:.3f}")
+                self._log_step(parts)
+                epoch_end = self.state["batch"] == len(batches)
+                if epoch_end:
+                    self.state["epoch"] += 1
+                    self.state["batch"] = 0
+                if self._eval_due(epoch_end):
+                    self._evaluate_and_save()
+                if stop_after is not None and steps_this_call >= stop_after:
+                    bar.close()
+                    self.tensorboard.close()
+                    return self.state
+                if self.state["done"] or epoch_end:
+                    break
+        self.state["done"] = True
+        self.save(self.run / "last.pt", full=True)
+        bar.close()
+        self.tensorboard.close()
+        if self.rank == 0:
+            plot_run(self.run)
+        wall = time.time() - t0
+        if self.rank == 0:
+            self._mark_finished()
+            self.log(figures(steps=self.state["step"], epochs=self.state["epoch"], wall_s=wall,
+                             steps_per_s=steps_this_call / max(wall, 1e-9),
+                             mining_share=self.mining_seconds / max(wall, 1e-9),
+                             best_dev_r5=self.state["best_r5"]))
+        return self.state
+
+
+    def _start(self, resume: bool) -> None:
+        """Continue the run's last checkpoint (same config but for FREE_TO_CHANGE keys), or start a new run."""
+        last, metrics_path = self.run / "last.pt", self.run / "metrics.jsonl"
         if resume and last.is_file():
             # a key added to the code after the run started counts as its default, not as a change
             saved = config_from_dict(json.loads((self.run / "config.json").read_text())).to_dict()
@@ -372,62 +430,26 @@ class Trainer:
                                fix="pass --resume to continue it, or choose another --run-dir")
             save_config(self.cfg, self.run / "config.json")
             metrics_path.write_text("")
-        if self.state["done"]:
-            self.log("run already finished")
-            if self.rank == 0:
-                self._mark_finished()
-            return self.state
-        self.tensorboard = TensorBoard(self.run, t.tensorboard and self.rank == 0, self.log)
-        t0 = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
-                   disable=self.rank != 0, mininterval=1.0)
-        steps_this_call = 0
-        while self.state["epoch"] < t.epochs and not self.state["done"]:
-            batches = self.batches(self.state["epoch"])
-            while self.state["batch"] < len(batches):
-                step = self.state["step"]
-                needs_mining = self.loss.w_hard > 0 or self.loss.w_reject > 0
-                if needs_mining and step > 0 and step % t.hard_refresh == 0:
-                    stats = self.refresh_hard_negatives()
-                    if stats and self.rank == 0:
-                        self.log(f"step {step} hard negatives: {format_stats(stats)}")
-                parts = self.step(batches[self.state["batch"]])
-                self.state["batch"] += 1
-                self.state["step"] += 1
-                steps_this_call += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{parts['total']:.3f}")
-                if self.rank == 0:
-                    _append(metrics_path, {"type": "step", "step": self.state["step"], "epoch": self.state["epoch"],
-                                           **{k: round(v, 6) for k, v in parts.items()}})
-                    self.tensorboard.scalars("train", parts, self.state["step"])
-                epoch_end = self.state["batch"] == len(batches)
-                if epoch_end:
-                    self.state["epoch"] += 1
-                    self.state["batch"] = 0
-                if (epoch_end if not t.eval_every else self.state["step"] % t.eval_every == 0) or \
-                        (epoch_end and self.state["epoch"] == t.epochs):
-                    self._evaluate_and_save(metrics_path, best, last)
-                if stop_after is not None and steps_this_call >= stop_after:
-                    bar.close()
-                    self.tensorboard.close()
-                    return self.state
-                if self.state["done"] or epoch_end:
-                    break
-        self.state["done"] = True
-        self.save(last, full=True)
-        bar.close()
-        self.tensorboard.close()
+
+    def _mining_due(self) -> bool:
+        """Hard negatives are refreshed every `hard_refresh` steps (not at step 0: no chunk embedded yet)
+        when a loss part uses them."""
+        step, t = self.state["step"], self.cfg.train
+        return (self.loss.w_hard > 0 or self.loss.w_reject > 0) and step > 0 and step % t.hard_refresh == 0
+
+    def _eval_due(self, epoch_end: bool) -> bool:
+        """At each epoch's end, or every `eval_every` steps when set; always after the last epoch."""
+        t = self.cfg.train
+        if epoch_end and self.state["epoch"] == t.epochs:
+            return True
+        return self.state["step"] % t.eval_every == 0 if t.eval_every else epoch_end
+
+    def _log_step(self, parts: dict) -> None:
         if self.rank == 0:
-            plot_run(self.run)
-        wall = time.time() - t0
-        if self.rank == 0:
-            self._mark_finished()
-            self.log(figures(steps=self.state["step"], epochs=self.state["epoch"], wall_s=wall,
-                             steps_per_s=steps_this_call / max(wall, 1e-9),
-                             mining_share=self.mining_seconds / max(wall, 1e-9),
-                             best_dev_r5=self.state["best_r5"]))
-        return self.state
+            _append(self.run / "metrics.jsonl", {"type": "step", "step": self.state["step"],
+                                                 "epoch": self.state["epoch"],
+                                                 **{k: round(v, 6) for k, v in parts.items()}})
+            self.tensorboard.scalars("train", parts, self.state["step"])
 
     def _mark_finished(self) -> None:
         """RUN/finished.json: the mark `make eval` (and anyone scripting runs) checks; this run is done,
@@ -436,7 +458,8 @@ class Trainer:
             "steps": self.state["step"], "epochs": self.state["epoch"], "best_dev_r5": self.state["best_r5"],
             "checkpoint": "best.pt" if (self.run / "best.pt").is_file() else "last.pt"})
 
-    def _evaluate_and_save(self, metrics_path: Path, best: Path, last: Path) -> None:
+    def _evaluate_and_save(self) -> None:
+        metrics_path, best = self.run / "metrics.jsonl", self.run / "best.pt"
         ev = self.evaluate()
         if ev:
             if self.rank == 0:
@@ -456,7 +479,7 @@ class Trainer:
                     self.state["done"] = True
         elif self.rank == 0:
             self.save(best, full=False)
-        self.save(last, full=True)
+        self.save(self.run / "last.pt", full=True)
 
 
 def _glossary_form_texts(cache) -> list[str]:
