@@ -85,4 +85,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m stage3_index bench --config $(CONFIG) --out cache/bench
+	$(PY) -m bench --config $(CONFIG) --out cache/bench

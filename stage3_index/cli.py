@@ -1,4 +1,4 @@
-"""Stage 3 command line: eval, compare, query (and bench)."""
+"""Stage 3 command line: eval, compare, query, ablation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +16,6 @@ def cli():
     eval     Recall@K (seen/unseen, glossary sizes), rejection, QPS, baseline -> RUN/eval/SPLIT/report.{json,md}
     compare  several runs side by side (config differences and metrics)
     query    a talk's glossary, top-K candidates per window of a WAV file or a live PCM stream
-    bench    make bench: the design's speed and memory promises, measured as ratios in one run
     ablation train each variant of a config on the same cache; one comparison table (make ablation)
     """
 
@@ -56,10 +55,8 @@ def compare_command(runs, out):
 
 def _register():
     from stage3_index.ablation import ablation_command
-    from stage3_index.bench import bench_command
     from stage3_index.retriever import query_command
     cli.add_command(query_command)
-    cli.add_command(bench_command)
     cli.add_command(ablation_command)
 
 

@@ -22,7 +22,7 @@ COMMANDS = {
     "compare": ("stage3_index.cli", "compare_command"),
     "query": ("stage3_index.retriever", "query_command"),
     "ablation": ("stage3_index.ablation", "ablation_command"),
-    "bench": ("stage3_index.bench", "bench_command"),
+    "bench": ("bench.run", "bench_command"),
 }
 
 

@@ -4,9 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from stage3_index.bench import (QWEN2_AUDIO_LM, QWEN2_AUDIO_TOWER, clustered_vectors, flops_table, format_table,
-                                lm_flops, perturbed_queries, pooled_cosines, recall_vs_exact,
-                                refresh_share, scaled_seconds, synthetic_glossary, target_met, tower_flops)
+from bench.common import (QWEN2_AUDIO_LM, QWEN2_AUDIO_TOWER, clustered_vectors, flops_table, lm_flops,
+                          perturbed_queries, pooled_cosines, recall_vs_exact, refresh_share, scaled_seconds,
+                          tower_flops)
+from bench.mining import synthetic_glossary
+from bench.report import format_table, target_met
 
 
 def test_clustered_vectors_are_clustered_and_normalised():

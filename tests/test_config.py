@@ -71,7 +71,7 @@ def test_every_config_key_is_read_somewhere():
     from shared.config import Config
     root = Path(__file__).resolve().parents[1]
     code = "\n".join(p.read_text(encoding="utf-8") for pkg in ("shared", "stage1_extract", "stage2_train",
-                                                              "stage3_index", "demo", "termret")
+                                                              "stage3_index", "demo", "termret", "bench")
                      for p in (root / pkg).rglob("*.py") if p.name != "config.py")
     unread = [f"{sec.name}.{f.name}" for sec in dataclasses.fields(Config)
               for f in dataclasses.fields(sec.type if isinstance(sec.type, type) else type(getattr(Config(), sec.name)))

@@ -95,7 +95,7 @@ def test_every_stage_command_is_under_termret():
     from stage3_index.cli import _register as reg3, cli as cli3
     reg1()
     reg3()
-    assert set(cli1.commands) | set(cli3.commands) | {"train", "demo-corpus", "demo-heldout"} == set(COMMANDS)
+    assert set(cli1.commands) | set(cli3.commands) | {"train", "demo-corpus", "demo-heldout", "bench"} == set(COMMANDS)
 
 
 def test_the_installed_command_works_from_another_directory(tmp_path):
