@@ -20,6 +20,7 @@ leaves something a later run would take for finished.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -426,58 +427,106 @@ def _short(v) -> str:
 
 
 class WriterLock:
-    """A lock file naming its owner (host, pid). A live owner on this host stops a second writer;
-    a lock left by a dead process is taken over."""
+    """One writer per lock file, across processes started at the same instant.
+
+    The lock is a kernel `flock` on the file, which the kernel drops when its holder dies however it
+    dies, so a crashed writer never blocks the next one and no process has to judge whether another
+    is alive. The file holds its owner (host, pid, since), written once the lock is held, for the
+    error message and for `live_locks`. A lock file naming another host is respected: flock may not
+    reach across hosts on shared storage, and that host's processes cannot be seen from here.
+
+    Why not an O_EXCL lock file with a staleness check (the first design): a writer that found the
+    file empty (created, owner not yet written) or owned by a dead pid deleted it and made its own,
+    while another writer that had read the same thing deleted *that* one: two writers of one shard
+    (tests/test_lock_race.py).
+    """
+
+    RETRY_SECONDS = 0.25   # rides out a `live_locks` probe of this file (microseconds) before refusing
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._fd: int | None = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(3):
+        deadline = time.monotonic() + self.RETRY_SECONDS
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    owner = {}
-                if owner and not _is_stale(owner):
-                    raise BadInput(f"another extraction is writing here (host {owner.get('host')}, pid "
-                                   f"{owner.get('pid')}, since {owner.get('since')})", file=self.path,
-                                   fix="wait for it to finish, or delete the lock file if that process is gone")
-                self.path.unlink(missing_ok=True)  # stale: its owner is dead
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self._refuse(_read_owner(self.path))
+            # the holder before us may have released (unlinked) the file between our open and flock:
+            # then we hold a lock on a name nobody else will open; start again on the current file
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            owner = _owner(os.pread(fd, 4096, 0))
+            if owner and owner.get("host") != socket.gethostname():
+                os.close(fd)
+                self._refuse(owner)
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self._fd = fd
             return self
-        raise BadInput("could not take the writer lock", file=self.path, fix="delete the lock file")
+
+    def _refuse(self, owner: dict):
+        raise BadInput(f"another extraction is writing here (host {owner.get('host')}, pid "
+                       f"{owner.get('pid')}, since {owner.get('since')})", file=self.path,
+                       fix="wait for it to finish, or delete the lock file if that process is gone")
 
     def __exit__(self, *exc):
+        # unlink while still holding the lock: whoever opened this file meanwhile sees it is gone
         self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _owner(raw: bytes) -> dict:
+    try:
+        owner = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _read_owner(path: Path) -> dict:
+    try:
+        return _owner(path.read_bytes()[:4096])
+    except OSError:
+        return {}
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds the flock of `path` (a shared probe: it never blocks a writer
+    for longer than WriterLock.RETRY_SECONDS rides out)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def live_locks(folder: str | Path) -> dict[Path, dict]:
-    """The lock files in `folder` whose owner is alive (or on another host): {path: owner}."""
+    """The lock files in `folder` held by a live writer (or naming another host): {path: owner}."""
     out = {}
     for p in sorted(Path(folder).glob("*.lock")):
-        try:
-            owner = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not _is_stale(owner):
+        owner = _read_owner(p)
+        if _held(p) or (owner and owner.get("host") != socket.gethostname()):
             out[p] = owner
     return out
-
-
-def _is_stale(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return False  # cannot see processes on other hosts: assume alive
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError):
-        return False
-    return False
