@@ -49,6 +49,9 @@ def bench_mining(cfg: Config, setup: TrainSetup, glossary_size: int, log, run: s
         fill = np.random.default_rng(2).standard_normal((len(unseen), trainer.memory.shape[1])).astype(np.float32)
         trainer.memory[unseen] = fill / np.linalg.norm(fill, axis=1, keepdims=True)
         trainer.seen[:] = True
+    # the steps are timed as training runs them after its first refresh: with mined hard negatives
+    # (each adds up to hard_k glossary rows per chunk to the text side's work)
+    trainer.refresh_hard_negatives()
     around = [batches[i % len(batches)] for i in range(2 * steps_around)]
     with torch_threads(setup.step_threads):
         trainer.step(around[-1])                                  # warm-up (not counted)

@@ -30,7 +30,12 @@ class AttentivePool(nn.Module):
 
     def forward(self, x, mask):
         q = self.query if self.heads > 1 else self.query[None]
-        scores = self.key(x) @ q.T / math.sqrt(x.shape[-1])                      # (B, T, H)
+        # key(x) @ q.T, associated the cheap way: (W^T q) is (D, H), so scoring the frames is one
+        # (B*T, D) x (D, H) product instead of keying every frame ((B*T, D) x (D, D)), forward and
+        # backward. Same function and parameters; that product was a third of a demo training step.
+        v = self.key.weight.T @ q.T                                               # (D, H)
+        c = q @ self.key.bias if self.key.bias is not None else 0.0               # (H,)
+        scores = (x @ v + c) / math.sqrt(x.shape[-1])                            # (B, T, H)
         scores = scores.masked_fill(~mask[..., None], torch.finfo(scores.dtype).min)
         w = torch.softmax(scores, dim=1) * mask[..., None]
         pooled = torch.einsum("bth,btd->bhd", w, x) / w.sum(1)[..., None].clamp_min(1e-9)
@@ -124,8 +129,19 @@ class TextSide(nn.Module):
         if self.lm is not None:
             parts.append(self.lm.pooled(lm_x, lm_mask))
         if self.bag is not None:
-            parts.append(self.bag(gram_ids, gram_offsets))
+            parts.append(self._bag(gram_ids, gram_offsets))
         return F.normalize(self.head(torch.cat(parts, dim=-1)), dim=-1)
+
+    def _bag(self, gram_ids, gram_offsets):
+        """The n-gram bag's mean vectors. With gradients, each distinct id's row is looked up once and
+        the bags average those rows: the bag's own sparse gradient has one row per id *occurrence*
+        (~40,000 x 256 per demo step, then summed by a sort), this one a row per distinct id
+        (a few thousand). Same values, same gradient."""
+        if not (torch.is_grad_enabled() and self.bag.weight.requires_grad):
+            return self.bag(gram_ids, gram_offsets)
+        ids, where = torch.unique(gram_ids, return_inverse=True)
+        rows = F.embedding(ids, self.bag.weight, sparse=self.bag.sparse)
+        return F.embedding_bag(where, rows, gram_offsets, mode="mean")
 
 
 class RetrievalModel(nn.Module):

@@ -268,11 +268,13 @@ class Trainer:
         elif self.cfg.train.mine_from != "all":
             raise BadInput(f"train.mine_from {self.cfg.train.mine_from!r}", file="config [train]",
                            fix="use all or train")
-        local = {int(r): j for j, r in enumerate(rows)}
-        positives = [{local[r] for r in self.train_rows[i] if r in local} for i in idx]
+        local = np.full(R, -1, dtype=np.int64)          # glossary row -> its place among the searched rows
+        local[rows] = np.arange(len(rows))
+        positives = [{int(local[r]) for r in self.train_rows[i] if r < R and local[r] >= 0} for i in idx]
         t = self.cfg.train
-        ids, stats = mine_hard_negatives(self.memory[idx], gloss[rows], positives,
-                                         equivalent={j: int(self.owner[r]) for j, r in enumerate(rows)},
+        # all rows: the embeddings as they are (a copy of a 100,000-row glossary is 200 MB of fresh pages)
+        ids, stats = mine_hard_negatives(self.memory[idx], gloss if len(rows) == R else gloss[rows], positives,
+                                         equivalent=self.owner[rows],
                                          k=t.hard_k, exclude_top=t.hard_exclude_top,
                                          max_score=t.hard_max_score if t.hard_max_score < 1.0 else None,
                                          absolute_margin=t.hard_margin if t.hard_margin >= 0 else None,

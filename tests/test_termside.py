@@ -181,3 +181,20 @@ def test_each_text_part_trains_on_a_tiny_qwen2audio_cache(tmp_path, encoders):
     assert any(".top.layers.0." in k for k in ckpt["model"] if k.startswith("text.lm.")) == ("lm" in encoders)
     report = evaluate(tmp_path / "run", "train", log=lambda *_: None)
     assert 0.0 <= report["recall"]["10"] <= 1.0 and report["queries"] == 24
+
+
+def test_the_bags_distinct_row_lookup_gives_the_embedding_bags_values_and_gradient():
+    """TextSide._bag looks each distinct n-gram id up once; nn.EmbeddingBag itself is the reference."""
+    torch.manual_seed(0)
+    side = TextSide(["chars"], None, proj_dim=8, buckets=50, bag_dim=6)
+    ids = torch.tensor([3, 7, 3, 3, 9, 7, 1, 49, 3], dtype=torch.int64)   # repeats within and across bags
+    offsets = torch.tensor([0, 4, 6], dtype=torch.int64)
+    ours = side._bag(ids, offsets)
+    (ours * torch.arange(18.).view(3, 6)).sum().backward()
+    mine = side.bag.weight.grad.coalesce().to_dense()
+    side.bag.weight.grad = None
+    ref = side.bag(ids, offsets)
+    (ref * torch.arange(18.).view(3, 6)).sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(mine, side.bag.weight.grad.coalesce().to_dense(), atol=1e-6)
+    assert mine[3].abs().sum() > 0 and mine[2].abs().sum() == 0
