@@ -38,10 +38,12 @@ def audio_info(path: str | Path, record: str | None = None) -> tuple[int, int]:
 
 
 def read_audio(path: str | Path, offset: float = 0.0, duration: float | None = None, *,
-               allow_silent: bool = False, record: str | None = None) -> np.ndarray:
+               allow_silent: bool = False, record: str | None = None,
+               channels: list[int] | None = None) -> np.ndarray:
     """Samples [offset, offset + duration) seconds of `path`, mono float32 at 16 kHz.
 
     Files at other rates (8 kHz, 44.1 kHz stereo...) are mixed down and resampled, not rejected.
+    `channels` (0-based) mixes only those channels of the file: one side of a stereo call, say.
     """
     sr, frames = audio_info(path, record)
     start = int(round(offset * sr))
@@ -62,6 +64,12 @@ def read_audio(path: str | Path, offset: float = 0.0, duration: float | None = N
         raise BadInput(f"audio ends at {frames / sr:.3f}s, before the requested end "
                        f"{offset + n / sr:.3f}s", file=path, record=record,
                        fix="the audio is shorter than its alignment; check offsets or drop the record")
+    if channels is not None:
+        if not channels or max(channels) >= data.shape[1]:
+            raise BadInput(f"channels {channels} asked of a file with {data.shape[1]} channel(s)", file=path,
+                           record=record,
+                           fix="channel numbers count from 0 within the file; check the manifest's channel")
+        data = data[:, channels]
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(wav).all():
         raise BadInput("audio holds NaN or Inf samples", file=path, record=record,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from shared import fields
 from shared.errors import BadInput, RejectLog
 from shared.glossary import Glossary, normalize
 
@@ -28,6 +29,9 @@ class Segment:
     speaker: str
     text: str
     lang: str = "en"
+    # Which channels of the file hold this segment (0-based, mixed to mono); None = all of them.
+    # Only lhotse input sets it (one speaker per channel of a stereo call); a TSV segment is the whole file.
+    channel: list[int] | None = None
 
     @property
     def start(self) -> float:
@@ -115,6 +119,7 @@ class Chunk:
     split: str = ""
     extra: dict = field(default_factory=dict)
     pseudo_terms: list[str] = field(default_factory=list)
+    channel: list[int] | None = None          # the file's channels to mix (0-based); None = all
 
     @property
     def terms(self) -> list[str]:
@@ -127,51 +132,61 @@ class Chunk:
         pseudo = d.pop("pseudo_terms")
         if pseudo:
             d["pseudo_terms"] = pseudo
+        if d["channel"] is None:             # likewise: only chunks of one channel of a multi-channel file
+            del d["channel"]
         d.update(extra)
         return json.dumps(d, ensure_ascii=False)
 
 
-_REQUIRED = ("term_chunk_text",)
+# A chunk is a term with its context: seconds long. The audio encoders take at most 30 s (extract
+# refuses longer ones by name); a duration above this is not a chunk but a unit mistake (ms, samples).
+MAX_CHUNK_SECONDS = 600.0
 
 
 def _chunk_from_dict(d: dict, base: Path, index: int) -> Chunk:
-    """Our manifest record, or the seed's (term_chunk_audio = a WAV of its own)."""
-    for key in _REQUIRED:
-        if key not in d:
-            raise KeyError(key)
+    """Our manifest record, or the seed's (term_chunk_audio = a WAV of its own). Every field is read
+    with its type and range (shared/fields.py): a KeyError names a missing field, a FieldError
+    (a ValueError) a bad value."""
+    chunk_text = fields.text(d, "term_chunk_text")
     if "audio" in d:
-        audio = d["audio"]
-        offset = float(d.get("audio_offset", 0.0))
-        duration = d.get("audio_duration")
+        audio = fields.text(d, "audio")
+        offset = fields.number(d, "audio_offset", 0.0, low=0.0)
+        duration = fields.number(d, "audio_duration", None, low=0.0, low_open=True, high=MAX_CHUNK_SECONDS)
     elif "term_chunk_audio" in d:
-        audio, offset, duration = d["term_chunk_audio"], 0.0, None
+        audio, offset, duration = fields.text(d, "term_chunk_audio"), 0.0, None
     else:
         raise KeyError("audio (or the seed's term_chunk_audio)")
-    if audio and not Path(audio).is_absolute():
+    if not audio.strip():
+        raise fields.FieldError("audio", audio, "give the audio file's path")
+    if not Path(audio).is_absolute():
         audio = str(base / audio)
-    terms = d.get("term_chunk_audio_ground_truth_terms")
-    if terms is None:
-        raise KeyError("term_chunk_audio_ground_truth_terms")
-    if isinstance(terms, str):
-        terms = [terms]
-    no_term = bool(d.get("is_no_term_chunk", False))
-    pseudo = d.get("pseudo_terms") or []
-    if not isinstance(pseudo, list) or not all(isinstance(p, str) and normalize(p) for p in pseudo):
-        raise ValueError(f"pseudo_terms must be a list of non-empty strings, not {pseudo!r}")
+    terms = fields.text_list(d, "term_chunk_audio_ground_truth_terms")
+    if not all(normalize(t) for t in terms):
+        raise fields.FieldError("term_chunk_audio_ground_truth_terms", terms, "give non-empty terms")
+    no_term = fields.flag(d, "is_no_term_chunk")
+    pseudo = fields.text_list(d, "pseudo_terms", [])
+    if not all(normalize(p) for p in pseudo):
+        raise fields.FieldError("pseudo_terms", pseudo, "give non-empty strings")
     pseudo = list(dict.fromkeys(normalize(p) for p in pseudo))
-    seg = str(d.get("segment_id", ""))
-    cid = d.get("id") or d.get("utter_id") or (
+    channel = d.get("channel")
+    if channel is not None and (not isinstance(channel, list) or not channel or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in channel)):
+        raise fields.FieldError("channel", channel, "give a non-empty list of channel numbers (0-based)")
+    times = {k: fields.number(d, k, None, low=0.0) for k in
+             ("term_start_time", "term_end_time", "extended_start_time", "extended_end_time")}
+    fields.span(times["term_start_time"], times["term_end_time"], ("term_start_time", "term_end_time"))
+    fields.span(times["extended_start_time"], times["extended_end_time"],
+                ("extended_start_time", "extended_end_time"))
+    seg = fields.text(d, "segment_id", "", ids=True)
+    cid = fields.text(d, "id", "", ids=True) or fields.text(d, "utter_id", "", ids=True) or (
         Path(d["term_chunk_audio"]).stem if d.get("term_chunk_audio") else f"{seg}_{index}")
     known = {f for f in Chunk.__dataclass_fields__} | {"term_chunk_audio"}
     return Chunk(
-        id=str(cid), audio=audio, audio_offset=offset,
-        audio_duration=None if duration is None else float(duration),
-        term_chunk_text=str(d["term_chunk_text"]), term_chunk_audio_ground_truth_terms=list(terms),
-        is_no_term_chunk=no_term, segment_id=seg,
-        term_start_time=d.get("term_start_time"), term_end_time=d.get("term_end_time"),
-        extended_start_time=d.get("extended_start_time"), extended_end_time=d.get("extended_end_time"),
-        speaker=str(d.get("speaker", "")), split=str(d.get("split", "")),
-        extra={k: v for k, v in d.items() if k not in known}, pseudo_terms=pseudo,
+        id=cid, audio=audio, audio_offset=offset, audio_duration=duration,
+        term_chunk_text=chunk_text, term_chunk_audio_ground_truth_terms=terms,
+        is_no_term_chunk=no_term, segment_id=seg, **times,
+        speaker=fields.text(d, "speaker", "", ids=True), split=fields.text(d, "split", ""),
+        extra={k: v for k, v in d.items() if k not in known}, pseudo_terms=pseudo, channel=channel,
     )
 
 
@@ -228,8 +243,9 @@ def read_chunks(path: str | Path, glossary: Glossary | None = None, *, skip_bad:
             except KeyError as e:
                 raise BadInput(f"missing required field {e.args[0]}", file=path, record=lineno,
                                fix="add the field or drop the record with --skip-bad") from None
-            except (TypeError, ValueError) as e:
-                raise BadInput(f"bad field value: {e}", file=path, record=lineno) from None
+            except (TypeError, ValueError) as e:       # fields.FieldError names the field and the fix
+                raise BadInput(str(e), file=path, record=lineno,
+                               fix="correct the value or drop the record with --skip-bad") from None
             if not c.is_no_term_chunk and not c.terms and not c.pseudo_terms:
                 raise BadInput(f"chunk {c.id!r} has no terms and is not marked is_no_term_chunk",
                                file=path, record=lineno,

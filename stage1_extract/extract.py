@@ -114,7 +114,7 @@ def _read_chunk_audio(c: Chunk, max_seconds: float) -> np.ndarray:
         raise BadInput(f"chunk {c.id!r} is {c.audio_duration:.1f}s long: rejected, the audio encoder "
                        f"takes at most {max_seconds:.0f}s", file=c.audio, record=c.id,
                        fix="cut it into shorter chunks (prepare with a smaller data.context)")
-    wav = read_audio(c.audio, c.audio_offset, c.audio_duration, record=f"chunk {c.id}")
+    wav = read_audio(c.audio, c.audio_offset, c.audio_duration, record=f"chunk {c.id}", channels=c.channel)
     if len(wav) > max_seconds * 16000:
         raise BadInput(f"chunk {c.id!r} is {len(wav) / 16000:.1f}s long: rejected, the audio encoder takes "
                        f"at most {max_seconds:.0f}s", file=c.audio, record=c.id,

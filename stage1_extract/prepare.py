@@ -1,4 +1,9 @@
-"""`prepare`: segments + MFA TextGrids + glossary -> term-chunk manifests (README, "Input formats").
+"""`prepare`: segments + MFA TextGrids (or a lhotse CutSet) + glossary -> term-chunk manifests
+(README, "Input formats").
+
+Each input becomes the same records, segments with their aligned words (`AlignedSegment`), and one
+chunker (`prepare_aligned`) cuts them: the TSV + TextGrid reader is `tsv_segments` here, the lhotse
+reader `lhotse_segments` in stage1_extract/lhotse_io.py (imported only when used).
 
 A term chunk is a glossary term's aligned word span widened by `context` seconds each side
 (clipped to the segment), pointing into the segment's audio; its ground-truth terms are every
@@ -14,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 from tqdm import tqdm
@@ -118,7 +124,7 @@ def span_chunk(seg: Segment, words: list[Word], first: int, last: int, duration:
         term_chunk_audio_ground_truth_terms=list(terms), is_no_term_chunk=False, segment_id=seg.id,
         term_start_time=round(t0, 4), term_end_time=round(t1, 4),
         extended_start_time=round(s, 4), extended_end_time=round(e, 4), speaker=seg.speaker,
-        pseudo_terms=list(pseudo_terms))
+        pseudo_terms=list(pseudo_terms), channel=seg.channel)
 
 
 def segment_chunks(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float,
@@ -178,7 +184,7 @@ def noterm_candidates(seg: Segment, words: list[Word], spans: list[TermSpan], du
                     audio_duration=round(length, 4), term_chunk_text=" ".join(w.text for w in inside),
                     term_chunk_audio_ground_truth_terms=[], is_no_term_chunk=True, segment_id=seg.id,
                     extended_start_time=round(a, 4), extended_end_time=round(a + length, 4),
-                    speaker=seg.speaker))
+                    speaker=seg.speaker, channel=seg.channel))
             a += length
     return out
 
@@ -194,15 +200,92 @@ def assign_split(seg: Segment, split_by: str, dev_speakers: set, test_speakers: 
     return ""
 
 
+@dataclass
+class AlignedSegment:
+    """A segment with its aligned words (times relative to the segment's start): what every input
+    becomes before the one chunker, `prepare_aligned`, cuts it."""
+    seg: Segment
+    words: list[Word]
+    duration: float        # seconds of audio the segment spans
+
+
+# (segment id, reader) per segment, in input order; a reader raises BadInput for a bad segment,
+# which --skip-bad turns into a line of rejected.jsonl.
+SegmentSource = list[tuple[str, Callable[[], AlignedSegment]]]
+
+
+class SegmentAudio:
+    """Checks a segment against its audio file and gives its duration; each file is opened once.
+    `source` names what the segments came from, for the errors' fix."""
+
+    def __init__(self, source: str = "the segments TSV"):
+        self._info: dict[str, tuple[int, int]] = {}
+        self.source = source
+
+    def duration(self, seg: Segment) -> float:
+        if seg.audio not in self._info:
+            self._info[seg.audio] = audio_info(seg.audio, record=f"segment {seg.id}")
+        sr, frames = self._info[seg.audio]
+        file_len = frames / sr
+        if seg.start >= file_len:
+            raise BadInput(f"segment {seg.id}: offset {seg.start:.2f}s past the end of the audio "
+                           f"({file_len:.2f}s)", file=seg.audio, fix=f"check {self.source}")
+        duration = seg.duration if seg.duration is not None else file_len - seg.start
+        if seg.start + duration > file_len + _TIME_TOLERANCE:
+            raise BadInput(f"segment {seg.id}: audio ends at {file_len:.2f}s, before the segment "
+                           f"end {seg.start + duration:.2f}s", file=seg.audio,
+                           fix=f"the audio is shorter than the segment; check {self.source}")
+        return duration
+
+
+def check_word_ends(words: list[Word], duration: float, file, record=None) -> None:
+    """The last word must end within the segment's audio (give or take the aligners' rounding)."""
+    if words and words[-1].end > duration + _TIME_TOLERANCE:
+        raise BadInput(f"word {words[-1].text!r} ends at {words[-1].end:.2f}s, past the segment's "
+                       f"audio ({duration:.2f}s)", file=file, record=record,
+                       fix="the alignment does not fit the audio; re-align or drop with --skip-bad")
+
+
+def tsv_segments(segments: str | Path, alignments: str | Path, limit: int = 0) -> SegmentSource:
+    """The segments TSV with one MFA TextGrid per segment (`<alignments>/<segment id>.TextGrid`)."""
+    alignments = Path(alignments)
+    segs = read_segments(segments)
+    if limit:
+        segs = segs[:limit]
+    audio = SegmentAudio()
+
+    def read(seg: Segment) -> AlignedSegment:
+        duration = audio.duration(seg)
+        tg = alignments / f"{seg.id}.TextGrid"
+        words = read_words(tg)
+        check_word_ends(words, duration, tg)
+        return AlignedSegment(seg, words, duration)
+    return [(seg.id, lambda seg=seg: read(seg)) for seg in segs]
+
+
+def load_glossary_arg(glossary: str | Path | Glossary, alt2main: str | Path | None, log=print) -> Glossary:
+    return glossary if isinstance(glossary, Glossary) else load_glossary(glossary, alt2main, log=log)
+
+
 def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path | Glossary,
-            out: str | Path, *, alt2main: str | Path | None = None, context: float = 1.0,
-            noterm_ratio: float = 0.1, noterm_min: float = 2.5, noterm_max: float = 4.0,
-            max_ngram: int = 5, split_by: str = "none", dev_speakers=(), test_speakers=(),
-            dev_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0, skip_bad: bool = False,
-            limit: int = 0, split_name: str = "", pseudo_ratio: float = 0.0, pseudo_max_ngram: int = 2,
-            pseudo_min_letters: int = 4, pseudo_length_power: float = 1.0, pseudo_max_per_term: int = 5,
-            pseudo_exclude=(), pseudo_term_free: bool = True, log=print) -> dict:
-    """Write `{train,dev,test}.jsonl` into `out` (without a split: `<split_name>.jsonl`, or
+            out: str | Path, *, alt2main: str | Path | None = None, limit: int = 0, log=print,
+            **options) -> dict:
+    """`prepare_aligned` on a segments TSV and its folder of MFA TextGrids (the first `limit`
+    segments when limit > 0); `options` are prepare_aligned's."""
+    gloss = load_glossary_arg(glossary, alt2main, log)
+    return prepare_aligned(tsv_segments(segments, alignments, limit), gloss, out, log=log, **options)
+
+
+def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, *, context: float = 1.0,
+                    noterm_ratio: float = 0.1, noterm_min: float = 2.5, noterm_max: float = 4.0,
+                    max_ngram: int = 5, split_by: str = "none", dev_speakers=(), test_speakers=(),
+                    dev_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0, skip_bad: bool = False,
+                    split_name: str = "", pseudo_ratio: float = 0.0, pseudo_max_ngram: int = 2,
+                    pseudo_min_letters: int = 4, pseudo_length_power: float = 1.0,
+                    pseudo_max_per_term: int = 5, pseudo_exclude=(), pseudo_term_free: bool = True,
+                    log=print) -> dict:
+    """Cut the aligned segments of `source` (tsv_segments, lhotse_io.lhotse_segments) into chunks;
+    write `{train,dev,test}.jsonl` into `out` (without a split: `<split_name>.jsonl`, or
     `chunks.jsonl` when split_name is empty); return a summary.
 
     With `pseudo_ratio` > 0 the train split also gets pseudo-term chunks (stage1_extract/pseudo.py):
@@ -212,12 +295,8 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
     chunk overlaps a glossary term's words."""
     t_start = time.time()
     out = Path(out)
-    alignments = Path(alignments)
-    gloss = glossary if isinstance(glossary, Glossary) else load_glossary(glossary, alt2main, log=log)
+    gloss = glossary
     forms = gloss.surface_forms()
-    segs = read_segments(segments)
-    if limit:
-        segs = segs[:limit]
     if split_by not in ("speaker", "ratio", "none", ""):
         raise BadInput(f"unknown split_by {split_by!r}", fix="use speaker, ratio or none")
     if split_by == "speaker" and not (dev_speakers or test_speakers):
@@ -243,33 +322,16 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
     rng = random.Random(seed)
     by_split: dict[str, list[Chunk]] = {}
     noterm_pool: dict[str, list[Chunk]] = {}
-    info_cache: dict[str, tuple[int, int]] = {}
-    for seg in tqdm(segs, desc="prepare", unit="seg", mininterval=1.0):
+    for seg_id, read in tqdm(source, desc="prepare", unit="seg", mininterval=1.0):
         try:
-            if seg.audio not in info_cache:
-                info_cache[seg.audio] = audio_info(seg.audio, record=f"segment {seg.id}")
-            sr, frames = info_cache[seg.audio]
-            file_len = frames / sr
-            if seg.start >= file_len:
-                raise BadInput(f"segment {seg.id}: offset {seg.start:.2f}s past the end of the audio "
-                               f"({file_len:.2f}s)", file=seg.audio, fix="check the segments TSV")
-            duration = seg.duration if seg.duration is not None else file_len - seg.start
-            if seg.start + duration > file_len + _TIME_TOLERANCE:
-                raise BadInput(f"segment {seg.id}: audio ends at {file_len:.2f}s, before the segment "
-                               f"end {seg.start + duration:.2f}s", file=seg.audio,
-                               fix="the audio is shorter than the segment; check the TSV")
-            tg = alignments / f"{seg.id}.TextGrid"
-            words = read_words(tg)
-            if words and words[-1].end > duration + _TIME_TOLERANCE:
-                raise BadInput(f"word {words[-1].text!r} ends at {words[-1].end:.2f}s, past the segment's "
-                               f"audio ({duration:.2f}s)", file=tg,
-                               fix="the alignment does not fit the audio; re-align or drop with --skip-bad")
+            aligned = read()
         except BadInput as err:
             if not skip_bad:
                 raise
-            rejects.add(err, segment_id=seg.id)
+            rejects.add(err, segment_id=seg_id)
             skipped[_reason_kind(err)] += 1
             continue
+        seg, words, duration = aligned.seg, aligned.words, aligned.duration
         split = assign_split(seg, split_by, set(dev_speakers), set(test_speakers), dev_ratio,
                              test_ratio, seed) or split_name
         spans = find_terms(words, forms, max_ngram)
@@ -281,7 +343,7 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
                                              pseudo_max_ngram, pseudo_min_letters, pseudo_length_power,
                                              pseudo_term_free))
 
-    summary = {"segments_read": len(segs), "segments_skipped": dict(skipped), "splits": {}}
+    summary = {"segments_read": len(source), "segments_skipped": dict(skipped), "splits": {}}
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(by_split) | set(noterm_pool))
     for split in names:
@@ -360,6 +422,11 @@ def _speakers(value: str | None) -> list[str]:
 @config_options
 @click.option("--segments", help="Segments TSV (id, audio, n_frames, speaker, src_text, src_lang). [data.segments]")
 @click.option("--alignments", help="Folder of MFA TextGrids, one <segment id>.TextGrid each. [data.alignments]")
+@click.option("--cuts", help="Instead of --segments/--alignments: a lhotse CutSet (e.g. cuts.jsonl.gz) whose "
+              "supervisions carry word alignments (alignment['word']).")
+@click.option("--recordings", help="Instead of --cuts: a lhotse RecordingSet manifest (with --supervisions).")
+@click.option("--supervisions", help="Instead of --cuts: a lhotse SupervisionSet manifest with word alignments "
+              "(with --recordings).")
 @click.option("--glossary", help="Glossary: the seed's dict JSON, a JSON list, or one term per line. [data.glossary]")
 @click.option("--alt2main", help="Alias map JSON {alias: main term}; '' for none. [data.alt2main]")
 @click.option("--out", help="Output folder for the manifests. [data.chunks]")
@@ -373,9 +440,12 @@ def _speakers(value: str | None) -> list[str]:
               "(e.g. heldout); default chunks.jsonl, split 'all'. [data.split_name]")
 @click.option("--skip-bad", is_flag=True, help="Skip bad segments into OUT/rejected.jsonl instead of stopping.")
 @click.option("--limit", type=int, default=0, help="Only the first N segments (quick mode).")
-def prepare_command(cfg: Config, segments, alignments, glossary, alt2main, out, split_by, dev_speakers,
-                    test_speakers, split_file, split_name, skip_bad, limit):
+def prepare_command(cfg: Config, segments, alignments, cuts, recordings, supervisions, glossary, alt2main, out,
+                    split_by, dev_speakers, test_speakers, split_file, split_name, skip_bad, limit):
     """Cut term-level chunks (and no-term chunks) from aligned segments into JSONL manifests.
+
+    Input: a segments TSV + MFA TextGrids, or a lhotse CutSet (--cuts) or RecordingSet +
+    SupervisionSet (--recordings, --supervisions) with word alignments; both give the same chunks.
 
     Context, no-term ratio and lengths come from the config: data.context, data.noterm_ratio,
     data.noterm_min, data.noterm_max, data.max_ngram, data.dev_ratio, data.test_ratio, data.seed.
@@ -393,14 +463,23 @@ def prepare_command(cfg: Config, segments, alignments, glossary, alt2main, out, 
         dev, test = dev or spl.get("dev_speakers", []), test or spl.get("test_speakers", [])
     out = Path(out or d.chunks)
     alt = d.alt2main if alt2main is None else alt2main
-    prepare(segments or d.segments, alignments or d.alignments, glossary or d.glossary, out,
-            alt2main=alt or None, context=d.context, noterm_ratio=d.noterm_ratio,
-            noterm_min=d.noterm_min, noterm_max=d.noterm_max, max_ngram=d.max_ngram,
-            split_by=split_by or d.split_by, dev_speakers=dev, test_speakers=test,
-            dev_ratio=d.dev_ratio, test_ratio=d.test_ratio, seed=d.seed, skip_bad=skip_bad,
-            limit=limit, split_name=d.split_name if split_name is None else split_name,
-            pseudo_ratio=d.pseudo_ratio, pseudo_max_ngram=d.pseudo_max_ngram,
-            pseudo_min_letters=d.pseudo_min_letters, pseudo_length_power=d.pseudo_length_power,
-            pseudo_max_per_term=d.pseudo_max_per_term, pseudo_term_free=d.pseudo_term_free,
-            pseudo_exclude=[p.strip() for p in d.pseudo_exclude.split(",") if p.strip()], log=click.echo)
+    options = dict(
+        alt2main=alt or None, context=d.context, noterm_ratio=d.noterm_ratio,
+        noterm_min=d.noterm_min, noterm_max=d.noterm_max, max_ngram=d.max_ngram,
+        split_by=split_by or d.split_by, dev_speakers=dev, test_speakers=test,
+        dev_ratio=d.dev_ratio, test_ratio=d.test_ratio, seed=d.seed, skip_bad=skip_bad,
+        limit=limit, split_name=d.split_name if split_name is None else split_name,
+        pseudo_ratio=d.pseudo_ratio, pseudo_max_ngram=d.pseudo_max_ngram,
+        pseudo_min_letters=d.pseudo_min_letters, pseudo_length_power=d.pseudo_length_power,
+        pseudo_max_per_term=d.pseudo_max_per_term, pseudo_term_free=d.pseudo_term_free,
+        pseudo_exclude=[p.strip() for p in d.pseudo_exclude.split(",") if p.strip()], log=click.echo)
+    if cuts or recordings or supervisions:
+        if segments or alignments:
+            raise BadInput("--cuts (or --recordings + --supervisions) and --segments/--alignments are two "
+                           "inputs", fix="give one of them")
+        from stage1_extract.lhotse_io import prepare_lhotse   # lhotse is imported only on this path
+        prepare_lhotse(glossary or d.glossary, out, cuts=cuts, recordings=recordings,
+                       supervisions=supervisions, **options)
+    else:
+        prepare(segments or d.segments, alignments or d.alignments, glossary or d.glossary, out, **options)
     save_config(cfg, out / "config.json")

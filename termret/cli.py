@@ -14,6 +14,7 @@ COMMANDS = {
     "demo-heldout": ("demo.heldout", "demo_heldout_command"),
     "convert-models": ("stage1_extract.convert_whisper", "convert_models_command"),
     "prepare": ("stage1_extract.prepare", "prepare_command"),
+    "export-cuts": ("stage1_extract.lhotse_io", "export_cuts_command"),
     "extract": ("stage1_extract.extract", "extract_command"),
     "verify": ("stage1_extract.extract", "verify_command"),
     "transcribe": ("stage1_extract.transcribe", "transcribe_command"),
