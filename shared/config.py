@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,37 @@ def _coerce(value, typ, key: str, source: str):
     return value
 
 
+# Ranges of the numeric keys (checked wherever a config is read: TOML, --set, a saved run's config).
+# Every number must be finite; by default at least 0. Keys below: strictly positive, within [0, 1],
+# or free in sign (a seed; hard_margin < 0 means "off").
+POSITIVE = {"data.noterm_min", "data.noterm_max", "data.max_ngram", "data.pseudo_max_ngram", "text.buckets",
+            "text.bag_dim", "text.ngram_max", "extract.batch_seconds", "extract.text_batch", "extract.shard_size",
+            "extract.max_chunk_seconds", "train.epochs", "train.batch_size", "train.lr", "train.proj_dim",
+            "train.pool_heads", "train.temperature", "train.hard_refresh", "eval.window", "eval.hop",
+            "eval.min_votes"}
+UNIT = {"data.dev_ratio", "data.test_ratio", "text.gram_dropout", "eval.keep_hits", "train.augment_mask"}
+SIGNED = {"data.seed", "train.seed", "train.hard_margin", "train.hard_max_score"}
+
+
+def _check_range(key: str, value, source: str) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _check_range(key, v, source)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise BadInput(f"config key '{key}' is {value}", file=source, fix="give a finite number")
+    if key in SIGNED:
+        return
+    if key in POSITIVE and value <= 0:
+        raise BadInput(f"config key '{key}' is {value}: must be above 0", file=source, fix="give a positive number")
+    if value < 0:
+        raise BadInput(f"config key '{key}' is {value}: must be at least 0", file=source, fix="give 0 or more")
+    if key in UNIT and value > 1:
+        raise BadInput(f"config key '{key}' is {value}: a fraction, at most 1", file=source, fix="give 0 to 1")
+
+
 def _section_types(section) -> dict:
     return typing.get_type_hints(type(section))
 
@@ -233,7 +265,9 @@ def _apply(cfg: Config, key: str, value, source: str) -> None:
     if name not in types_:
         raise BadInput(f"unknown config key '{key}'", file=source,
                        fix=f"keys of [{sec_name}] are: {', '.join(types_)}")
-    setattr(section, name, _coerce(value, types_[name], key, source))
+    value = _coerce(value, types_[name], key, source)
+    _check_range(key, value, source)
+    setattr(section, name, value)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),

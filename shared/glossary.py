@@ -93,7 +93,10 @@ def _read_entries(path: Path) -> dict[str, dict]:
         raise BadInput(f"not UTF-8 text (byte {e.start})", file=path, fix="re-encode the file as UTF-8") from None
     entries: dict[str, dict] = {}
 
-    def add(term: str, entry: dict, where) -> None:
+    def add(term, entry: dict, where) -> None:
+        entry = _checked_entry(entry, path, where)
+        if not isinstance(term, str):
+            raise BadInput(f"term {term!r} is not a string", file=path, record=where, fix='give "term": "..."')
         key = normalize(term)
         if not key:
             raise BadInput("empty term", file=path, record=where, fix="remove the entry")
@@ -133,6 +136,26 @@ def _read_entries(path: Path) -> dict[str, dict]:
     return entries
 
 
+# The entry fields the tool reads (the text side embeds `term` or data.text_field; query shows the
+# description and translations); others are kept as they are.
+_ENTRY_TEXT = ("term", "short_description")
+
+
+def _checked_entry(entry: dict, path: Path, where) -> dict:
+    """A glossary entry with the fields the tool reads checked: strings where text is expected, a
+    {language: string} object of translations; null fields are dropped (as if absent)."""
+    out = {k: v for k, v in entry.items() if v is not None}
+    for name in _ENTRY_TEXT:
+        if name in out and not isinstance(out[name], str):
+            raise BadInput(f"field {name!r} is {out[name]!r}, not a string", file=path, record=where,
+                           fix=f'give "{name}": "..." or leave the field out')
+    tr = out.get("target_translations")
+    if tr is not None and not (isinstance(tr, dict) and all(isinstance(v, str) for v in tr.values())):
+        raise BadInput(f"target_translations is {tr!r}", file=path, record=where,
+                       fix='give {"de": "...", "zh": "..."} (one string per language) or leave it out')
+    return out
+
+
 def read_alt2main(path: str | Path) -> dict[str, str]:
     """alias -> main, both normalised, chains followed to their end; a cycle is an error."""
     path = Path(path)
@@ -144,6 +167,10 @@ def read_alt2main(path: str | Path) -> dict[str, str]:
         raise BadInput(f"not a valid UTF-8 JSON object: {e}", file=path) from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadInput('alt2main must be a JSON object {"alias": "main term"}', file=path)
+    empty = next((k for k, v in data.items() if not normalize(k) or not normalize(v)), None)
+    if empty is not None:
+        raise BadInput(f"alias {empty!r} -> {data[empty]!r}: an empty alias or main term", file=path,
+                       record=repr(empty), fix="remove the entry or give both terms")
     raw = {normalize(k): normalize(v) for k, v in data.items() if normalize(k) != normalize(v)}
     resolved = {}
     for alias in raw:

@@ -67,7 +67,8 @@ def read_segments(path: str | Path) -> list[Segment]:
     out, seen = [], set()
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
-            lines = f.read().splitlines()
+            # newlines only: str.splitlines also splits at \x0b, \x1c, U+2028... which text may hold
+            lines = [x.rstrip("\r") for x in f.read().split("\n")]
         except UnicodeDecodeError as e:
             raise BadInput(f"not UTF-8 (byte {e.start})", file=path, fix="re-encode as UTF-8") from None
     cols = SEGMENT_COLUMNS
@@ -87,7 +88,14 @@ def read_segments(path: str | Path) -> list[Segment]:
             raise BadInput(f"expected {len(cols)} tab-separated columns, found {len(values)}", file=path,
                            record=lineno, fix=f"columns are {', '.join(cols)}")
         row = dict(zip(cols, values))
+        for col in ("id", "audio"):
+            if not row[col].strip():
+                raise BadInput(f"empty {col}", file=path, record=lineno,
+                               fix=f"give every segment its {col} (columns are {', '.join(cols)})")
         audio, offset, num = parse_audio_field(row["audio"], path.parent)
+        if num == 0:
+            raise BadInput(f"audio {row['audio']!r} spans 0 samples", file=path, record=lineno,
+                           fix="give path:offset_samples:num_samples with num_samples > 0, or the path alone")
         if row["id"] in seen:
             raise BadInput(f"duplicate segment id {row['id']!r}", file=path, record=lineno)
         seen.add(row["id"])
@@ -208,7 +216,9 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, dict | BadInput]]:
             yield i + 1, d if isinstance(d, dict) else BadInput(
                 "record is not a JSON object", file=path, record=f"item {i + 1}")
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # newlines only: str.splitlines also splits at U+2028, \x1c... which write_chunks leaves unescaped
+    # in a chunk's text (ensure_ascii=False), so a record holding one would come back as two bad lines
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

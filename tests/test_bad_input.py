@@ -162,6 +162,52 @@ def test_skip_bad_extract_totals_add_up_and_every_reason_is_recorded(tmp_path, b
     assert len(cache.table("audio/train")) == 6
 
 
+# The values a hand-edited or scraped manifest carries that the reader once let through (or crashed
+# on): each is refused by field name, with file and line, and --skip-bad records it like the others.
+BAD_VALUES = {
+    "duration NaN": (dict(audio_duration=float("nan")), "'audio_duration' is nan: give a finite number"),
+    "duration 0": (dict(audio_duration=0), "'audio_duration' is 0: must be above 0"),
+    "duration 1e9": (dict(audio_duration=1e9), "'audio_duration' is 1000000000.0: must be at most 600"),
+    "duration as a string": (dict(audio_duration="2"), "'audio_duration' is '2': give a number without quotes"),
+    "offset true": (dict(audio_offset=True), "'audio_offset' is True: give a number, not true/false"),
+    "offset -1": (dict(audio_offset=-1), "'audio_offset' is -1: must be at least 0"),
+    "terms as a string": (dict(term_chunk_audio_ground_truth_terms="alpha"),
+                          'give a list of strings: ["alpha"] for one'),
+    "terms holding a number": (dict(term_chunk_audio_ground_truth_terms=["alpha", 3]), "give a list of strings"),
+    "term span reversed": (dict(term_start_time=1.5, term_end_time=0.5),
+                           "'term_end_time' is 0.5: ends before term_start_time (1.5)"),
+    "no-term flag as a string": (dict(is_no_term_chunk="false"), "give true or false"),
+    "text as a number": (dict(term_chunk_text=5), "'term_chunk_text' is 5: give a string"),
+    "offset Infinity": ('"audio_offset": Infinity', "'audio_offset' is inf: give a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_field_values_are_refused_by_name_and_skippable(tmp_path, case):
+    cfg = make_corpus(tmp_path, n_train=4, n_test=2)
+    good = tmp_path / "good.wav"
+    sf.write(good, loud(4.0), SR, subtype="PCM_16")
+    change, needle = BAD_VALUES[case]
+    if isinstance(change, dict):
+        bad = json.dumps(record("bad", good, **{k: v for k, v in change.items()
+                                                if k not in ("audio_duration", "audio_offset")}))
+        for k in ("audio_duration", "audio_offset"):           # json.dumps writes NaN as NaN, as Python reads it
+            if k in change:
+                bad = bad.replace(f'"{k}": ' + json.dumps(record("x", good)[k]), f'"{k}": ' + json.dumps(change[k]))
+    else:
+        bad = json.dumps(record("bad", good)).replace('"audio_offset": 0.0', change)
+    manifest = tmp_path / "chunks/test.jsonl"
+    write_jsonl(manifest, [record("g0", good), bad, record("g1", good, 1.0)])
+    with pytest.raises(BadInput) as e:
+        extract(cfg, backbone=FakeBackbone(), log=quiet)
+    assert needle in str(e.value) and f"{manifest}, line 2:" in str(e.value) and "--skip-bad" in str(e.value)
+    extract(cfg, backbone=FakeBackbone(), skip_bad=True, log=quiet)
+    root = tmp_path / "cache/features/demo"
+    assert FeatureCache(root).table("audio/test").ids == ["g0", "g1"]
+    (rejected,) = [json.loads(x) for x in (root / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["record"] == 2 and needle in rejected["reason"]
+
+
 def test_empty_split_and_all_bad_split_stop(tmp_path):
     cfg = make_corpus(tmp_path, n_train=4, n_test=2)
     manifest = tmp_path / "chunks/test.jsonl"
