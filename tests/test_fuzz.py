@@ -54,7 +54,17 @@ def bad_input_names_the_file(err: BadInput, path: Path) -> None:
     assert str(err).strip()
 
 
-# ------------------------------------------------------------------------------------------- manifests
+def read_or_refused(reader, path: Path, text: str):
+    """reader(path) once `text` is written there; None when it refuses with a BadInput naming the file."""
+    path.write_text(text, encoding="utf-8")
+    try:
+        return reader(path)
+    except BadInput as e:
+        bad_input_names_the_file(e, path)
+        return None
+
+
+# -------------------------------------------------------------------------------------------- manifests
 
 GLOSSARY_TERMS = ["kubernetes", "new york", "paracetamol"]
 
@@ -177,12 +187,8 @@ def glossaries(draw):
 @given(glossaries())
 def test_glossary_reader(glossary):
     name, text = glossary
-    path = WORK / name
-    path.write_text(text, encoding="utf-8")
-    try:
-        g = load_glossary(path, log=None)
-    except BadInput as e:
-        bad_input_names_the_file(e, path)
+    g = read_or_refused(lambda p: load_glossary(p, log=None), WORK / name, text)
+    if g is None:
         return
     assert len(g) == len(g.keys) >= 1 and g.keys == sorted(set(g.keys))
     for i, key in enumerate(g.keys):
@@ -199,12 +205,8 @@ def test_glossary_reader(glossary):
 @FUZZ
 @given(st.dictionaries(names, names | json_values, max_size=6) | json_values)
 def test_alias_map_reader(data):
-    path = WORK / "alt2main.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    try:
-        aliases = read_alt2main(path)
-    except BadInput as e:
-        bad_input_names_the_file(e, path)
+    aliases = read_or_refused(read_alt2main, WORK / "alt2main.json", json.dumps(data))
+    if aliases is None:
         return
     assert isinstance(data, dict)
     for alias, main in aliases.items():
@@ -248,12 +250,8 @@ def textgrids(draw):
 @FUZZ
 @given(textgrids())
 def test_textgrid_reader(text):
-    path = WORK / "seg.TextGrid"
-    path.write_text(text, encoding="utf-8")
-    try:
-        words = read_words(path)
-    except BadInput as e:
-        bad_input_names_the_file(e, path)
+    words = read_or_refused(read_words, WORK / "seg.TextGrid", text)
+    if words is None:
         return
     prev = 0.0
     for w in words:
@@ -271,13 +269,9 @@ cells = names | st.sampled_from(["a.wav", "a.wav:0:16000", "a.wav:-5:10", "a.wav
 @FUZZ
 @given(st.booleans(), st.lists(st.lists(cells, min_size=0, max_size=7), max_size=6))
 def test_segments_reader(header, rows):
-    path = WORK / "segments.tsv"
     lines = (["id\taudio\tn_frames\tspeaker\tsrc_text\tsrc_lang"] if header else []) + ["\t".join(r) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    try:
-        segs = read_segments(path)
-    except BadInput as e:
-        bad_input_names_the_file(e, path)
+    segs = read_or_refused(read_segments, WORK / "segments.tsv", "\n".join(lines) + "\n")
+    if segs is None:
         return
     assert len({s.id for s in segs}) == len(segs) == sum(1 for r in rows if "\t".join(r).strip()) - (
         0 if header or not rows or not rows[0] or rows[0][0] != "id" else 1)
@@ -315,12 +309,8 @@ def test_config_reader(values, junk):
                      for sec, kv in sorted(by_section.items()))
     if junk:
         text = text[:random.Random(len(text)).randint(0, len(text))] + "\n= ]"
-    path = WORK / "c.toml"
-    path.write_text(text, encoding="utf-8")
-    try:
-        cfg = load_config(path)
-    except BadInput as e:
-        bad_input_names_the_file(e, path)
+    cfg = read_or_refused(load_config, WORK / "c.toml", text)
+    if cfg is None:
         return
     for sec, kv in cfg.to_dict().items():               # every number it kept is finite
         for k, v in kv.items():
