@@ -130,7 +130,7 @@ class TrainConfig:
     hard_k: int = 8                            # mined hard negatives per chunk
     hard_refresh: int = 100                    # steps between hard-negative refreshes
     mine_index: str = "auto"                   # FAISS factory string the negatives are searched in; "auto" =
-                                               # exact below 20,000 glossary rows, IVF above (stage2_train/mining.py)
+                                               # exact below 20,000 glossary rows, a grouped IVF search above (mining.py:ListSearch)
     hard_exclude_top: int = 0                  # skip the N best non-positive candidates (likeliest unlabelled synonyms)
     hard_max_score: float = 1.0                # drop candidates scoring above this cosine (1.0 = off)
     hard_margin: float = -1.0                  # drop candidates scoring above (best positive - margin); < 0 = off

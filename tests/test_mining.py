@@ -115,13 +115,13 @@ def test_bad_positive_id_names_the_chunk():
 def test_the_mining_index_is_exact_for_small_glossaries_and_ivf_for_big_ones():
     import faiss
     from shared.index import pow2_nlist
-    from stage2_train.mining import ANN_MIN_ROWS, ListSearch, mining_index
+    from stage2_train.mining import ANN_MIN_ROWS, MINE_NPROBE, ListSearch, mining_index
     rng = np.random.default_rng(0)
     small = rng.standard_normal((100, 8)).astype(np.float32)
     big = rng.standard_normal((ANN_MIN_ROWS, 8)).astype(np.float32)
     assert isinstance(mining_index(small), faiss.IndexFlat)
     ivf = mining_index(big)
-    assert isinstance(ivf, ListSearch) and ivf.nprobe == 16 and len(ivf.offsets) - 1 == pow2_nlist(ANN_MIN_ROWS)
+    assert isinstance(ivf, ListSearch) and ivf.nprobe == MINE_NPROBE and len(ivf.offsets) - 1 == pow2_nlist(ANN_MIN_ROWS)
     assert isinstance(mining_index(big, "Flat"), faiss.IndexFlat)
 
 
@@ -152,3 +152,34 @@ def test_list_search_is_exact_when_it_probes_every_cell_and_keeps_most_of_the_to
     tiny = ListSearch(rows[:50], nlist=8, nprobe=1)
     s, i = tiny.search(queries[:5], 40)
     assert (i == -1).any() and np.all(np.isneginf(s[i == -1])) and np.all(i[i >= 0] < 50)
+
+
+def test_refreshes_start_from_the_last_ones_cells(monkeypatch):
+    """The second mining call on a glossary skips k-means (centroids from the first, moved one Lloyd
+    step) and still finds the negatives a fresh clustering finds."""
+    import faiss
+
+    import stage2_train.mining as mining
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((30, 16)).astype(np.float32)
+    gloss = centres[rng.integers(0, 30, 4000)] + 0.3 * rng.standard_normal((4000, 16)).astype(np.float32)
+    gloss /= np.linalg.norm(gloss, axis=1, keepdims=True)
+    audio = gloss[:200] + 0.05 * rng.standard_normal((200, 16)).astype(np.float32)
+    positives = [{i} for i in range(200)]
+    monkeypatch.setattr(mining, "ANN_MIN_ROWS", 1000)           # this glossary takes the inverted-file path
+    cells = {}
+    fresh, _ = mining.mine_hard_negatives(audio, gloss, positives, k=5, cells=cells)
+    first = cells["centroids"].copy()
+    from shared.index import pow2_nlist
+    assert first.shape == (pow2_nlist(4000), 16)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+
+    def no_kmeans(*a, **k):
+        raise AssertionError("k-means ran again")
+    monkeypatch.setattr(faiss, "Kmeans", no_kmeans)
+    drifted = gloss + 0.01 * rng.standard_normal(gloss.shape).astype(np.float32)
+    drifted /= np.linalg.norm(drifted, axis=1, keepdims=True)
+    again, _ = mining.mine_hard_negatives(audio, drifted, positives, k=5, cells=cells)
+    assert not np.allclose(cells["centroids"], first)          # moved with the rows
+    same = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(fresh, again)])
+    assert same > 0.8 and all(i not in row for i, row in enumerate(again))
