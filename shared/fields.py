@@ -27,7 +27,7 @@ _MISSING = object()
 
 
 def number(d: dict, field: str, default=_MISSING, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, integer: bool = False) -> float | int | None:
+           low_open: bool = False) -> float | None:
     """d[field] as a finite number within [low, high] (`low_open`: strictly above low); `default`
     when absent or null (a missing field without a default is a KeyError, the readers' 'missing')."""
     value = d.get(field, None)
@@ -35,22 +35,19 @@ def number(d: dict, field: str, default=_MISSING, *, low: float | None = None, h
         if default is _MISSING:
             raise KeyError(field)
         return default
-    kind = "a whole number" if integer else "a number"
     if isinstance(value, bool):
-        raise FieldError(field, value, f"give {kind}, not true/false")
+        raise FieldError(field, value, "give a number, not true/false")
     if isinstance(value, str):
-        raise FieldError(field, value, f"give {kind} without quotes")
+        raise FieldError(field, value, "give a number without quotes")
     if not isinstance(value, (int, float)):
-        raise FieldError(field, value, f"give {kind}")
+        raise FieldError(field, value, "give a number")
     if not math.isfinite(value):
-        raise FieldError(field, value, f"give a finite {kind[2:]}")
-    if integer and value != int(value):
-        raise FieldError(field, value, "give a whole number")
+        raise FieldError(field, value, "give a finite number")
     if low is not None and (value <= low if low_open else value < low):
         raise FieldError(field, value, f"must be {'above' if low_open else 'at least'} {low:g}")
     if high is not None and value > high:
         raise FieldError(field, value, f"must be at most {high:g}")
-    return int(value) if integer else float(value)
+    return float(value)
 
 
 def flag(d: dict, field: str, default: bool = False) -> bool:

@@ -49,7 +49,7 @@ names = st.text(alphabet=string.ascii_letters + string.digits + " _-.,'éü漢\t
 
 
 def bad_input_names_the_file(err: BadInput, path: Path) -> None:
-    assert err.file is not None and Path(err.file).name in (path.name, Path(str(path)).name) or str(path) in str(err), \
+    assert (err.file is not None and Path(err.file).name == path.name) or str(path) in str(err), \
         f"BadInput without the file: {err}"
     assert str(err).strip()
 
@@ -154,7 +154,7 @@ def test_manifest_reader(manifest, with_glossary):
             assert all(t in gloss.entries for t in c.terms)
     # a kept record survives a write and a read unchanged
     write_chunks(kept, WORK / "m2.jsonl")
-    assert read_chunks(WORK / "m2.jsonl", gloss) == kept if kept else True
+    assert read_chunks(WORK / "m2.jsonl", gloss) == kept
     # without --skip-bad: the same records, or the first bad one named
     try:
         assert read_chunks(path, gloss) == kept and not rejects.items
