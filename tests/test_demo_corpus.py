@@ -1,10 +1,11 @@
 """The offline demo corpus: eSpeak word times checked against the audio's energy, the output
-formats, determinism, speaker-disjoint splits and unseen terms."""
+formats, determinism, speaker-disjoint splits, unseen terms and carriers of each split's own."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from praatio import textgrid
 
 from demo import corpus as dc
 from demo.glossary import alt2main, glossary_dict, lexicon, load_demo_terms
-from demo.text import (FILLERS, NO_TERM, ONE_TERM, TWO_TERM, SegmentText,
-                                      compose, holds_exactly, term_ngrams, word_label)
+from demo.text import (CARRIERS, FILLERS, SPLITS, Carriers, SegmentText, compose, holds_exactly,
+                       term_ngrams, word_label)
 from demo.tts import SAMPLE_RATE, Synth, english_voices, word_times
 
 SILENCES = {"", "sil", "sp", "<eps>"}
@@ -110,11 +111,85 @@ def test_glossary_size_and_formats(terms):
 
 def test_templates_hold_no_terms(terms):
     lex = lexicon(terms)
-    assert len(ONE_TERM) + len(TWO_TERM) >= 60 and len(NO_TERM) >= 30
-    for template in ONE_TERM + TWO_TERM + NO_TERM + FILLERS:
+    for template in [t for c in CARRIERS.values() for t in c.all()] + list(FILLERS):
         filled = template.replace("{T}", "qqq").replace("{U}", "qqq")
         labels = [word_label(w) for w in filled.split()]
         assert term_ngrams(labels, lex) == [], template
+    for c in CARRIERS.values():
+        assert all(t.count("{T}") == 1 and "{U}" not in t for t in c.one_term)
+        assert all(t.count("{T}") == t.count("{U}") == 1 for t in c.two_term)
+        assert not any("{" in t for t in c.no_term + c.openers + c.closers)
+
+
+def normal(template: str) -> str:
+    """A template up to case, punctuation and which slot is which."""
+    return " ".join(word_label(w) for w in re.sub(r"\{[TU]\}", " slot ", template).split())
+
+
+def test_splits_share_no_template():
+    """The real partition: no carrier, opener, closer or no-term sentence in two splits (up to
+    case and punctuation), train has most of them, every evaluated split enough of its own."""
+    assert set(CARRIERS) == set(SPLITS) == {"train", "dev", "test", "heldout"}
+    owner: dict[str, str] = {}
+    for split, c in CARRIERS.items():
+        for t in c.all():
+            assert owner.setdefault(normal(t), split) == split, (t, owner[normal(t)], split)
+        assert len(set(map(normal, c.all()))) == len(c.all()), f"{split} repeats a template"
+    for split in ("dev", "test", "heldout"):
+        c = CARRIERS[split]
+        assert len(c.one_term) >= 10 and len(c.two_term) >= 5 and len(c.no_term) >= 8
+        assert len(c.openers) >= 3 and len(c.closers) >= 3
+        for field in ("one_term", "two_term", "no_term", "openers", "closers"):
+            assert len(getattr(CARRIERS["train"], field)) > 1.5 * len(getattr(c, field))
+        # a term first, in the middle and last, as in train
+        assert any(t.startswith("{T}") for t in c.one_term)
+        assert any(re.search(r"\{T\}[.?]$", t) for t in c.one_term)
+
+
+_FILLER_WORDS = [[word_label(w) for w in f.split()] for f in FILLERS]
+
+
+def _strip_fillers(labels: list[str]) -> list[str]:
+    """The words without fillers, until none is left ("you um know" -> "you know" -> "")."""
+    while True:
+        out, i = [], 0
+        while i < len(labels):
+            hit = next((f for f in _FILLER_WORDS if labels[i:i + len(f)] == f), None)
+            if hit:
+                i += len(hit)
+            else:
+                out.append(labels[i])
+                i += 1
+        if out == labels:
+            return out
+        labels = out
+
+
+def made_of(text: str, carriers: Carriers) -> bool:
+    """Whether `text` is a sequence of `carriers`' sentences (slots filled with anything, fillers
+    anywhere): what compose builds from one split's carriers and no other's."""
+    def pattern(template: str) -> str:
+        words = re.sub(r"\{[TU]\}", " \x00 ", template).split()
+        parts = _strip_fillers([w if w == "\x00" else word_label(w) for w in words
+                                if w == "\x00" or word_label(w)])
+        return " ".join(r"\S+(?: \S+)*?" if p == "\x00" else re.escape(p) for p in parts)
+    sentence = "(?:" + "|".join(pattern(t) for t in carriers.all()) + ")"
+    labels = _strip_fillers([word_label(w) for w in text.split() if word_label(w)])
+    return re.fullmatch(f"{sentence}(?: {sentence})*", " ".join(labels)) is not None
+
+
+def test_made_of_tells_the_splits_apart(terms):
+    lex = lexicon(terms)
+    rng = np.random.default_rng(5)
+    for split in ("train", "test", "heldout"):
+        for n in (0, 1, 2):
+            seg = compose(rng, [("ibuprofen", "ibuprofen"), ("Big Apple", "new york city")][:n], 170,
+                          (3, 10), CARRIERS[split])
+            assert holds_exactly(seg, lex)
+            assert made_of(seg.text, CARRIERS[split]), seg.text
+            assert set(seg.templates) <= set(CARRIERS[split].all())
+            others = [s for s in SPLITS if s != split]
+            assert not any(made_of(seg.text, CARRIERS[o]) for o in others), (split, seg.text)
 
 
 def test_holds_exactly_handles_nesting_and_aliases(terms):
@@ -132,7 +207,7 @@ def test_compose_builds_planned_spans(terms):
     rng = np.random.default_rng(0)
     for _ in range(50):
         seg = compose(rng, [("Big Apple", "new york city"), ("ibuprofen", "ibuprofen")], 170,
-                      (3, 10))
+                      (3, 10), CARRIERS["train"])
         assert len(seg.labels) == len(seg.text.split())
         assert [key for *_, key in seg.spans] == ["new york city", "ibuprofen"]
         assert [" ".join(seg.labels[a:b]) for a, b, _ in seg.spans] == ["big apple", "ibuprofen"]
@@ -272,6 +347,21 @@ def test_corpus_splits_speakers_and_unseen_terms(corpus):
         assert unseen >= 0.2
         assert summary["splits"][split]["distinct_terms"] == len(terms[split])
     assert summary["splits"]["test"]["no_term_segments"] > 0
+
+
+def test_corpus_sentences_come_from_their_splits_carriers(corpus):
+    out, summary = corpus
+    splits = json.loads((out / "splits.json").read_text())
+    split_of = {**{s: "dev" for s in splits["dev_speakers"]}, **{s: "test" for s in splits["test_speakers"]}}
+    seen = {s: 0 for s in ("train", "dev", "test")}
+    for row in read_segments(out):
+        split = split_of.get(row["speaker"], "train")
+        assert made_of(row["src_text"], CARRIERS[split]), (split, row["src_text"])
+        assert not any(made_of(row["src_text"], CARRIERS[o]) for o in SPLITS if o != split), row["src_text"]
+        seen[split] += 1
+    assert min(seen.values()) > 0
+    for split in seen:
+        assert 0 < summary["splits"][split]["templates_used"] <= len(CARRIERS[split].all())
 
 
 def digest(folder: Path) -> dict[str, str]:

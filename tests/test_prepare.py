@@ -107,7 +107,9 @@ def test_prepare_writes_chunks_into_segment_audio(corpus):
         s, e = c.extended_start_time, c.extended_end_time
         for t in terms:
             assert e <= t.term_start_time + 1e-6 or s >= t.term_end_time - 1e-6
-        assert 2.5 - 1e-6 <= c.audio_duration <= 4.0 + 1e-6
+        # by default as long as one of its split's term chunks
+        assert c.audio_duration in {t.audio_duration for t in terms}
+        assert len(c.term_chunk_text.split()) >= 2
     (test,) = read_chunks(out / "test.jsonl")
     assert test.terms == ["machine learning"] and test.speaker == "spkB" and test.split == "test"
 
@@ -151,3 +153,95 @@ def test_ngram_matches_lists_every_run_in_order():
     assert ngram_matches(words, forms, 2) == [(0, 1, "D"), (0, 2, "DL"), (1, 2, "L"), (3, 4, "D")]
     assert ngram_matches(words, forms, 1) == [(0, 1, "D"), (1, 2, "L"), (3, 4, "D")]
     assert [g for _, _, g in word_ngrams(["a", "b"], 5)] == ["a", "a b", "b"]
+
+
+# ---------------------------------------------------------------- no-term chunk lengths
+
+def _term_free_corpus(tmp_path, n_segments=60, seconds=9.0):
+    """Segments of ~0.45 s words with one term each: 1-word terms for speaker spkA (train), 3-word
+    terms for spkB (dev), so the two splits' term chunks differ in length by ~0.9 s."""
+    sr = 16000      # segments' sample offsets are at 16 kHz
+    rng = np.random.default_rng(3)
+    sf.write(tmp_path / "long.wav", (0.05 * rng.standard_normal(sr * int(n_segments * seconds + 1))
+                                     ).astype(np.float32), sr, subtype="PCM_16")
+    (tmp_path / "ali").mkdir()
+    filler = "we are looking at some more words here and there today".split()
+    rows = []
+    for i in range(n_segments):
+        spk = "spkA" if i % 2 == 0 else "spkB"
+        term = ["kubernetes"] if spk == "spkA" else ["new", "york", "city", "hall"][:3]
+        words, t = [], 0.2
+        at = int(rng.integers(0, 12))
+        tokens = [filler[int(k)] for k in rng.integers(0, len(filler), 16)]
+        tokens[at:at] = term
+        for w in tokens:
+            d = float(rng.uniform(0.3, 0.6))
+            if t + d > seconds - 0.2:
+                break
+            words.append((round(t, 3), round(t + d, 3), w))
+            t += d
+        (tmp_path / "ali" / f"s{i:02d}.TextGrid").write_text(textgrid(words, seconds))
+        rows.append(f"s{i:02d}\tlong.wav:{int(i * seconds * sr)}:{int(seconds * sr)}\t{int(seconds * sr)}\t{spk}\tx\ten")
+    (tmp_path / "segments.tsv").write_text("id\taudio\tn_frames\tspeaker\tsrc_text\tsrc_lang\n" + "\n".join(rows) + "\n")
+    (tmp_path / "glossary.json").write_text(json.dumps({"kubernetes": {"term": "Kubernetes"},
+                                                        "new york city": {"term": "New York City"}}))
+    return tmp_path
+
+
+def _durations(path):
+    chunks = read_chunks(path)
+    return (np.array([c.audio_duration for c in chunks if not c.is_no_term_chunk]),
+            np.array([c.audio_duration for c in chunks if c.is_no_term_chunk]), chunks)
+
+
+def test_noterm_chunks_are_as_long_as_their_splits_term_chunks(tmp_path):
+    corpus = _term_free_corpus(tmp_path)
+    run = dict(split_by="speaker", dev_speakers=["spkB"], context=0.6, noterm_ratio=1.0, log=lambda *_: None)
+    summary = prepare(corpus / "segments.tsv", corpus / "ali", corpus / "glossary.json", corpus / "match", **run)
+    terms = {}
+    for split in ("train", "dev"):
+        term_s, noterm_s, chunks = _durations(corpus / "match" / f"{split}.jsonl")
+        terms[split] = term_s
+        assert len(noterm_s) == len(term_s) == 30
+        assert "noterm_lengths_given_up" not in summary["splits"][split]
+        # the same distribution: every length is a term chunk's, mean and median agree
+        assert set(noterm_s) <= set(term_s)
+        assert abs(noterm_s.mean() - term_s.mean()) < 0.1, split
+        assert abs(np.median(noterm_s) - np.median(term_s)) < 0.15, split
+        # placed in term-free stretches with two words at least, never overlapping each other
+        by_seg = {}
+        for c in chunks:
+            by_seg.setdefault(c.segment_id, []).append(c)
+        for seg in by_seg.values():
+            spans = [(c.term_start_time, c.term_end_time) for c in seg if not c.is_no_term_chunk]
+            free = sorted((c.extended_start_time, c.extended_end_time) for c in seg if c.is_no_term_chunk)
+            assert all(b <= a2 + 1e-6 for (_, b), (a2, _) in zip(free, free[1:]))
+            for a, b in free:
+                assert all(b <= s + 1e-6 or a >= e - 1e-6 for s, e in spans)
+        assert all(len(c.term_chunk_text.split()) >= 2 for c in chunks if c.is_no_term_chunk)
+    # each split matches its own term chunks (dev's 3-word terms make them ~0.9 s longer)
+    assert np.median(terms["dev"]) - np.median(terms["train"]) > 0.6
+    # the old band is what the default replaced: its chunks are told from term chunks by length
+    prepare(corpus / "segments.tsv", corpus / "ali", corpus / "glossary.json", corpus / "band",
+            noterm_length="band", **run)
+    term_s, noterm_s, _ = _durations(corpus / "band" / "train.jsonl")
+    assert noterm_s.min() >= 2.5 - 1e-6 and noterm_s.max() <= 4.0 + 1e-6
+    assert abs(np.median(noterm_s) - np.median(term_s)) > 0.15
+    # seeded: the same again
+    prepare(corpus / "segments.tsv", corpus / "ali", corpus / "glossary.json", corpus / "again", **run)
+    assert (corpus / "again" / "dev.jsonl").read_text() == (corpus / "match" / "dev.jsonl").read_text()
+
+
+def test_noterm_length_settings_are_checked(tmp_path):
+    corpus = _term_free_corpus(tmp_path, n_segments=2)
+    args = (corpus / "segments.tsv", corpus / "ali", corpus / "glossary.json", corpus / "o")
+    with pytest.raises(BadInput, match="noterm_length"):
+        prepare(*args, noterm_length="fixed", log=lambda *_: None)
+    with pytest.raises(BadInput, match="noterm_min 4.0 and noterm_max 2.5"):
+        prepare(*args, noterm_length="band", noterm_min=4.0, noterm_max=2.5, log=lambda *_: None)
+    with pytest.raises(BadInput, match="noterm_ratio"):
+        prepare(*args, noterm_ratio=-1.0, log=lambda *_: None)
+    summary = prepare(*args, noterm_ratio=0.0, log=lambda *_: None)     # 0 = off
+    assert summary["splits"]["all"]["noterm_chunks"] == 0 and summary["splits"]["all"]["term_chunks"] == 2
+    from shared.config import load_config
+    assert load_config(None, ["data.noterm_length=band"]).data.noterm_length == "band"
