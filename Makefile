@@ -74,12 +74,17 @@ eval: heldout transcripts
 	$(PY) -m stage3_index eval --run cache/runs/$(RUN) --features cache/features/demo-heldout --split heldout $(SETS)
 
 # Every text-side variant of configs/ablation/variants.toml trained on the same cache (the pseudo-term
-# variant on its own cache, whose train manifest adds pseudo-term chunks) -> cache/ablation/ablation.md
+# variant on its own cache, whose train manifest adds pseudo-term chunks), evaluated on dev, test and the
+# held-out voice, one picked on dev; the pick and the base over SEEDS training seeds
+# -> cache/ablation/ablation.md. `make ablation SEEDS=1` is the quick check. The transcripts give the
+# cascade row and "ours + transcript" (their weight is picked on dev).
 PSEUDO := $(DEMO)/chunks-pseudo
-ablation: extract heldout
+SEEDS  ?= 3
+ablation: extract heldout transcripts
 	@test -f $(PSEUDO)/train.jsonl || $(PY) -m stage1_extract prepare --config $(CONFIG) \
 		--split-file $(DEMO)/corpus/splits.json --out $(PSEUDO) --set data.pseudo_ratio=1.0
-	$(PY) -m stage3_index ablation --config $(CONFIG) --heldout cache/features/demo-heldout:heldout $(SETS)
+	$(PY) -m stage3_index ablation --config $(CONFIG) --heldout cache/features/demo-heldout:heldout \
+		--seeds $(SEEDS) $(SETS)
 
 test: setup
 	$(PY) -m pytest -q tests

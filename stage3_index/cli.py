@@ -47,10 +47,12 @@ def eval_command(run, features, split, factory, config_path, overrides, quiet):
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", default="cache/compare", show_default=True, help="Where compare.md and compare.png go.")
-def compare_command(runs, out):
+@click.option("--split", default="dev", show_default=True,
+              help="Whose reports (RUN/eval/SPLIT/report.json): dev, where choices are made; test only reports.")
+def compare_command(runs, out, split):
     """Print RUNS side by side: config keys that differ, Recall@K, rejection, QPS; write a plot."""
     from stage3_index.compare import compare
-    click.echo(compare(list(runs), out, log=click.echo))
+    click.echo(compare(list(runs), out, log=click.echo, split=split))
 
 
 def _register():

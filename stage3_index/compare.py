@@ -8,9 +8,10 @@ from shared.config import diff_configs, flatten
 from shared.errors import BadInput
 
 
-def compare(runs: list[str | Path], out: str | Path | None = None, log=print, split: str = "test") -> str:
+def compare(runs: list[str | Path], out: str | Path | None = None, log=print, split: str = "dev") -> str:
     """Markdown table: config keys that differ between the runs, then the headline metrics of each
-    run's report on `split` of its own cache (RUN/eval/SPLIT/report.json)."""
+    run's report on `split` of its own cache (RUN/eval/SPLIT/report.json). Dev by default: runs are
+    compared to choose between them, and choices are made on dev; test only reports."""
     rows = []
     for r in runs:
         r = Path(r)
@@ -24,8 +25,8 @@ def compare(runs: list[str | Path], out: str | Path | None = None, log=print, sp
     base = rows[0][1]
     keys = sorted({k for _, c, _ in rows[1:] for k in diff_configs(base, c)})
     keys = [k for k in keys if not k.startswith("cache.root")]
-    metrics = ["recall.1", "recall.5", "recall.10", "recall_seen.5", "recall_unseen.5", "rejection.auroc",
-               "rejection.far", "qps", "baseline.recall.5"]
+    metrics = ["recall.1", "recall.5", "recall.10", "recall_seen.5", "recall_unseen.5", "recall_unseen.10",
+               "rejection.auroc", "rejection.far", "qps", "baseline.recall.5"]
     head = ["run"] + keys + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, cfg, rep in rows:
@@ -33,7 +34,7 @@ def compare(runs: list[str | Path], out: str | Path | None = None, log=print, sp
         vals = [str(fc.get(k)) for k in keys] + [
             ("-" if fr.get(m) is None else f"{fr[m]:.3f}" if m != "qps" else f"{fr[m]:.0f}") for m in metrics]
         lines.append("| " + " | ".join([name] + vals) + " |")
-    table = "\n".join(lines) + "\n"
+    table = f"Split {split} of each run's own cache.\n\n" + "\n".join(lines) + "\n"
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def test_rerun_reuses_the_index_and_gives_the_same_report(runs):
 
 def test_compare_shows_config_differences(runs, tmp_path):
     a, b = runs
-    evaluate(b, log=quiet)
+    evaluate(b, "dev", log=quiet)                          # compare reads dev reports unless told otherwise
     table = compare([a, b], tmp_path, log=quiet)
     assert "loss.w_term" in table and "train.epochs" in table and "recall.5" in table
     assert (tmp_path / "compare.png").is_file()
