@@ -18,6 +18,13 @@ glossary key or alias, and duplicates. Accents are folded to ASCII ("São Paulo"
 Stage 1 embeds them once into the cache's `text/distractors` table; their texts go to
 `distractors.json` in the cache root, in table order. Their settings live in a fingerprint of their
 own (`index.json` "distractors"), so adding or changing them never invalidates the cached audio.
+
+A distractor must be a real negative: eval drops, when it chooses the rows, every name that
+`clashes` with the evaluated corpus (word-level containment either way with a glossary form, e.g.
+"Jordan" vs "Michael Jordan"; or a word run of its transcripts, e.g. "Will", "Grace", "Mark"). This
+is done at eval, not in stage 1, because the corpus that decides it is the evaluated one, which is
+not always the one whose cache embedded the names (another corpus borrows the run's table), and so
+that caches embedded before keep their table (the same request keeps meaning the same rows).
 """
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ import json
 import re
 import shutil
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from shared.errors import BadInput
 from shared.glossary import normalize
@@ -118,6 +127,33 @@ def select(candidates: Iterable[str], n: int, exclude: Iterable[str]) -> list[st
         if len(out) >= n:
             break
     return out
+
+
+def _runs(words: tuple[str, ...], max_n: int):
+    """Every run of 1..max_n consecutive words, joined by one space."""
+    return (" ".join(words[i:i + n]) for i in range(len(words)) for n in range(1, min(max_n, len(words) - i) + 1))
+
+
+def clashes(names: Sequence[str], forms: Iterable[str], transcripts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Which distractors are not real negatives for a corpus: (clash with a glossary form (N,) bool,
+    spoken in its transcripts (N,) bool), both at word level on normalised text.
+
+    - glossary: the name's words are a run of a form's words, or a form's words a run of the name's
+      ("Jordan" vs "Michael Jordan", "Georgia Tech" vs "Georgia"). Retrieving "Jordan" for a chunk
+      saying "Michael Jordan" is no mistake a real glossary would punish.
+    - spoken: the name's words are a run of the words of some transcript (census first names such as
+      Will, Grace, Mark are ordinary words of the demo's sentences): the audio does say it.
+    Called by eval when it pads a glossary (see the module docstring for why there)."""
+    keys = [tuple(normalize(x).split()) for x in names]
+    longest = max((len(k) for k in keys), default=0)
+    form_words = [tuple(normalize(f).split()) for f in forms]
+    whole = {" ".join(f) for f in form_words if f}
+    inside = {r for f in form_words for r in _runs(f, longest)}     # runs of forms, as long as a name can be
+    said = {r for t in transcripts for r in _runs(tuple(normalize(t).split()), longest)}
+    gloss = np.array([bool(k) and (" ".join(k) in inside or any(r in whole for r in _runs(k, len(k))))
+                      for k in keys], dtype=bool)
+    spoken = np.array([bool(k) and " ".join(k) in said for k in keys], dtype=bool)
+    return gloss, spoken
 
 
 def load_distractors(source: str, n: int, exclude: Iterable[str] = ()) -> list[str]:

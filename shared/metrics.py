@@ -6,7 +6,9 @@ Owns what the report's numbers mean:
 - Rejection: AUROC of per-chunk max scores (term chunks vs no-term chunks), a threshold picked on
   dev, and on test the false-alarm rate and the recall at that threshold. A chunk is accepted when
   its score >= threshold.
-- Glossary sizes: stage3_index/evaluate.py pads the split's terms with real distractor names.
+- Glossary sizes: stage3_index/evaluate.py pads the split's terms with real distractor names (not
+  those that clash with the corpus: shared/distractors.clashes).
+- Seen / unseen / strictly unseen: which queries count is stage3_index/evaluate.py's (SeenTerms).
 
 `equivalent` everywhere maps a term id to its group id (its main term's id); ids not in it are
 their own group.

@@ -79,6 +79,16 @@ class SplitData:
     def __len__(self):
         return self.n
 
+    def used_terms(self) -> set[int]:
+        """Term ids of the chunks in use (the first `limit`): what a run trains on, what mining's
+        mine_from="train" searches and what eval calls seen. Chunks past the limit do not count."""
+        return {t for ts in self.terms[:self.n] for t in ts}
+
+    def used_texts(self) -> list[str]:
+        """The transcripts (term_chunk_text) of the chunks in use, in chunk order."""
+        texts = self.cache.read_json("chunk_texts.json")
+        return [texts[int(i)] for i in self.text_index[:self.n]]
+
 
 def global_batches(terms: list[list[int]], n: int, batch_size: int, seed: int, epoch: int,
                    term_cap: int = 1, subset: np.ndarray | None = None, stats: dict | None = None

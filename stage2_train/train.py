@@ -268,7 +268,7 @@ class Trainer:
         R = len(self.gloss)     # pseudo-term rows (>= R) are not searched: any glossary row is their negative
         rows = np.arange(R)
         if self.cfg.train.mine_from == "train":
-            trained = {t for ts in self.train_data.terms for t in ts}
+            trained = self.train_data.used_terms()      # the first train.limit chunks, as eval's "seen"
             rows = np.flatnonzero(np.isin(self.owner, sorted(trained)))
         elif self.cfg.train.mine_from != "all":
             raise BadInput(f"train.mine_from {self.cfg.train.mine_from!r}", file="config [train]",

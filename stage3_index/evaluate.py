@@ -7,13 +7,18 @@ or of another cache, another corpus with its own glossary, built with the same b
 (`--features`; report in `RUN/eval/CACHENAME.SPLIT/`). What the report's keys mean: README, eval.
 
 - Seen / unseen: a query's term is *seen* when the run trained on a chunk holding it: the first
-  `train.limit` (0 = all) chunks of the train split of the run's own cache. Terms are compared by
-  their normalised key, so this holds across corpora.
-- Rejection threshold: always picked on the dev split of the run's own cache (never on the evaluated
-  split); null, with a message, when that dev has no top-1 hit or when dev itself is evaluated.
+  `train.limit` (0 = all) chunks of the train split of the run's own cache (the same chunks mining's
+  mine_from="train" takes its terms from). Terms are compared by their normalised key, so this holds
+  across corpora. *Strictly unseen*: unseen, and no word of any of the term's forms (main term,
+  aliases) is a word of those chunks' transcripts ("tesla" is unseen but not strictly after
+  "nikola tesla" was trained).
+- Rejection threshold and the fusion weight of "ours + transcript": always picked on the dev split of
+  the run's own cache (never on the evaluated split); null, with a note, when that dev cannot pick
+  them or when dev itself is evaluated.
 - Glossary sizes: the split's own terms padded with real distractor names (`text/distractors`,
-  made by stage 1) up to each `eval.glossary_sizes`; each row uses the main index kind, rows are
-  keyed by their real size.
+  made by stage 1) up to each `eval.glossary_sizes`, without the names that clash with the evaluated
+  corpus (shared/distractors.clashes: word-level containment with a glossary form, or spoken in its
+  transcripts); each row uses the main index kind, rows are keyed by their real size.
 - Baseline: the cascade (ASR transcript + fuzzy match of every term form, stage3_index/cascade.py),
   on the same queries, when stage 1 cached transcripts for the split.
 
@@ -37,6 +42,7 @@ from shared.atomic import write_json_atomic
 from shared.cache import FeatureCache, file_sha256, fingerprint_diff
 from shared.cli import figures
 from shared.config import Config, config_from_dict, load_config
+from shared.distractors import clashes
 from shared.errors import BadInput
 from shared.glossary import normalize
 from shared.heads import checkpoint_path, embed, load_model
@@ -106,7 +112,37 @@ def trained_keys(cache: FeatureCache, limit: int) -> set[str]:
         return set()
     data = SplitData(cache, "train", in_memory="no", limit=limit)
     keys = cache.read_json("glossary.json")["keys"]
-    return {normalize(keys[t]) for ts in data.terms[:len(data)] for t in ts}
+    return {normalize(keys[t]) for t in data.used_terms()}
+
+
+def glossary_forms(glossary: dict) -> list[str]:
+    """Every written form of a glossary (keys, display texts when they are the terms, aliases)."""
+    from stage3_index.cascade import term_forms
+    texts = glossary.get("texts") if glossary.get("text_field", "term") == "term" else None
+    return term_forms(glossary["keys"], glossary.get("aliases", {}), texts)[0]
+
+
+def trained_words(cache: FeatureCache, limit: int) -> set[str]:
+    """Every normalised word spoken in the transcripts (term_chunk_text) of the chunks the run trained on."""
+    if "audio/train" not in cache.tables:
+        return set()
+    data = SplitData(cache, "train", in_memory="no", limit=limit)
+    return {w for text in data.used_texts() for w in normalize(text).split()}
+
+
+def strictly_unseen_terms(glossary: dict, train_keys: set[str], train_words: set[str]) -> np.ndarray:
+    """(n_terms,) bool: the term is unseen by key and no word of any of its forms (main term, display
+    text, aliases) was spoken in a trained chunk. "tesla" is unseen by key after training on "nikola
+    tesla" chunks, but not strictly: the model heard the word."""
+    from stage3_index.cascade import term_forms
+    keys = glossary["keys"]
+    texts = glossary.get("texts") if glossary.get("text_field", "term") == "term" else None
+    forms, owner = term_forms(keys, glossary.get("aliases", {}), texts)
+    out = np.array([normalize(k) not in train_keys for k in keys], dtype=bool)
+    for form, t in zip(forms, owner):
+        if out[t] and any(w in train_words for w in form.split()):
+            out[t] = False
+    return out
 
 
 # ---------------------------------------------------------------- search
@@ -146,13 +182,31 @@ def build_or_flat(vecs: np.ndarray, factory: str, log=print):
 
 # ---------------------------------------------------------------- metrics of one ranking
 
+class SeenTerms:
+    """Which of a glossary's terms the run trained on: `seen(t)` by normalised key (README: seen /
+    unseen), `strict_unseen(t)` unseen by key and no word of the term heard in training either."""
+
+    def __init__(self, keys, train_keys: set[str], strict_unseen: np.ndarray | None = None):
+        self.seen = np.array([normalize(k) in train_keys for k in keys], dtype=bool)
+        self.strict = np.zeros(len(keys), dtype=bool) if strict_unseen is None else np.asarray(strict_unseen, bool)
+
+    def __call__(self, t: int) -> bool:
+        return 0 <= t < len(self.seen) and bool(self.seen[t])
+
+    def strict_unseen(self, t: int) -> bool:
+        return 0 <= t < len(self.strict) and bool(self.strict[t])
+
+
 def score_ranking(ids: np.ndarray, scores: np.ndarray, gold: list, seen_term, ks) -> dict:
-    """Recall (all / seen / unseen), both AUROCs and what the threshold figures need.
+    """Recall (all / seen / unseen, and strictly unseen when `seen_term` is a SeenTerms), both AUROCs
+    and what the threshold figures need.
 
     seen_term(term id) -> bool. A chunk's rejection score is its top-1 score.
     """
     chunk, term, hits = query_hits(ids, gold, ks)
     seen = np.array([seen_term(int(t)) for t in term], dtype=bool)
+    strict_of = getattr(seen_term, "strict_unseen", None)
+    strict = np.array([strict_of(int(t)) for t in term], dtype=bool) if strict_of else None
 
     def rec(mask):
         return {str(k): (float(hits[mask, i].mean()) if mask.any() else None) for i, k in enumerate(ks)}
@@ -161,11 +215,14 @@ def score_ranking(ids: np.ndarray, scores: np.ndarray, gold: list, seen_term, ks
     term_chunk = np.array([bool(g) for g in gold], dtype=bool)
     top1_right = np.zeros(len(gold), dtype=bool)
     top1_right[chunk[hits[:, 0]]] = True
-    return {"recall": rec(np.ones(len(term), dtype=bool)), "recall_seen": rec(seen), "recall_unseen": rec(~seen),
-            "auroc": _num(auroc(max_score[term_chunk], max_score[~term_chunk])),
-            "auroc_top1_correct": _num(auroc(max_score[term_chunk & top1_right], max_score[~term_chunk])),
-            "_chunk": chunk, "_term": term, "_hits": hits, "_seen": seen, "_max": max_score,
-            "_term_chunk": term_chunk, "_top1_right": top1_right}
+    out = {"recall": rec(np.ones(len(term), dtype=bool)), "recall_seen": rec(seen), "recall_unseen": rec(~seen),
+           "auroc": _num(auroc(max_score[term_chunk], max_score[~term_chunk])),
+           "auroc_top1_correct": _num(auroc(max_score[term_chunk & top1_right], max_score[~term_chunk])),
+           "_chunk": chunk, "_term": term, "_hits": hits, "_seen": seen, "_max": max_score,
+           "_term_chunk": term_chunk, "_top1_right": top1_right}
+    if strict is not None:
+        out["recall_unseen_strict"], out["_strict"] = rec(strict), strict
+    return out
 
 
 def _num(x):
@@ -299,6 +356,8 @@ def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term
 # ---------------------------------------------------------------- ours + transcript
 
 FUSION_DEPTH = 30        # our candidates per chunk for fusion (the cascade adds its top 10)
+DEV_FUSED_NOTE = ("dev is where the fusion weight is picked: 'ours + transcript' is not reported on dev itself "
+                  "(evaluate test)")
 
 
 def _fused_ranking(cache, split, data, audio, index, vecs, owner, k):
@@ -317,9 +376,13 @@ def _fused_ranking(cache, split, data, audio, index, vecs, owner, k):
 
 def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks, weights, log):
     """Recall / seen / unseen / AUROC of our scores fused with the transcript's (stage3_index/fusion.py),
-    the weight picked on the dev split of the run's own cache; None when dev has no transcripts."""
+    the weight picked on the dev split of the run's own cache; None when dev has no transcripts, and when
+    dev itself is evaluated (the weight would be tuned on the figures it reports)."""
     from stage3_index.fusion import pick_weight
     k = max(ks)
+    if cache is own and split == "dev":
+        log(DEV_FUSED_NOTE)
+        return None
     if "audio/dev" not in own.tables or read_transcripts(own, "dev") is None:
         log("no transcripts of the run's dev split: 'ours + transcript' not reported (its weight is picked on "
             "dev); make them with " + TRANSCRIBE_HINT.format(cache=own.root, split="dev"))
@@ -345,7 +408,8 @@ def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen
     r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
     log(f"ours + transcript: weight {weight} picked on dev (dev mean R@1/5/10 by weight: "
         + ", ".join(f"{w}: {np.mean(list(v.values())):.3f}" for w, v in tried.items()) + ")")
-    return {**{key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "auroc")}, "weight": weight}
+    return {**{key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "auroc")
+               if key in r}, "weight": weight}
 
 
 # ---------------------------------------------------------------- the command
@@ -429,13 +493,12 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
     Writes nothing but the reusable glossary index (RUN/eval/.../glossary.index)."""
     model, own, cache, split, factory, ks, out = e.model, e.own, e.cache, e.split, e.factory, e.ks, e.out
     cfg, run_cfg, keep_hits = e.cfg, e.run_cfg, e.cfg.eval.keep_hits
-    keys = cache.read_json("glossary.json")["keys"]
+    glossary = cache.read_json("glossary.json")
+    keys = glossary["keys"]
     n_terms = len(keys)
     train_keys = trained_keys(own, run_cfg.train.limit)
-    norm_keys = [normalize(k) for k in keys]
-
-    def seen_term(t: int) -> bool:
-        return 0 <= t < n_terms and norm_keys[t] in train_keys
+    seen_term = SeenTerms(keys, train_keys,
+                          strictly_unseen_terms(glossary, train_keys, trained_words(own, run_cfg.train.limit)))
 
     vecs, owner = embed_glossary(model, cache)
     vecs = np.ascontiguousarray(vecs, dtype=np.float32)
@@ -481,13 +544,19 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
 
     split_terms = sorted({t for ts in gold for t in ts})
     dist_texts: list[str] = []
+    dropped = None
     # another corpus without distractors of its own borrows the run's: same backbone, same features
     dist_cache = cache if "text/distractors" in cache.tables else own
     if "text/distractors" in dist_cache.tables:
         dist_texts = dist_cache.read_json("distractors.json")
         dist_vecs = np.ascontiguousarray(embed_text_table(model, dist_cache, "distractors"), dtype=np.float32)
-        taken = set(norm_keys) | {normalize(a) for a in cache.read_json("glossary.json").get("aliases", {})}
-        ok = np.array([normalize(t) not in taken for t in dist_texts], dtype=bool)
+        # only real negatives for the evaluated corpus (shared/distractors.py: why here and not in stage 1)
+        clash_gloss, clash_spoken = clashes(dist_texts, glossary_forms(glossary),
+                                            cache.read_json("chunk_texts.json"))
+        dropped = {"glossary": int(clash_gloss.sum()), "spoken": int((clash_spoken & ~clash_gloss).sum())}
+        ok = ~(clash_gloss | clash_spoken)
+        log(f"distractors: {int(ok.sum())} of {len(dist_texts)} kept ({dropped['glossary']} clash with a glossary "
+            f"form, {dropped['spoken']} more are spoken in the corpus)")
         dist_vecs, dist_texts = dist_vecs[ok], [t for t, o in zip(dist_texts, ok) if o]
         by_size = by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs,
                                    cfg.eval.glossary_sizes, factory, ks, log)
@@ -500,17 +569,22 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
                                 cfg.eval.glossary_sizes, log)
     fused = fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks,
                          cfg.eval.fusion_weights, log) if baseline is not None and cfg.eval.fusion_weights else None
+    fused_note = DEV_FUSED_NOTE if cache is own and split == "dev" and baseline is not None else None
 
     report = {"recall": r["recall"], "recall_seen": r["recall_seen"], "recall_unseen": r["recall_unseen"],
+              "recall_unseen_strict": r["recall_unseen_strict"],
               "by_glossary_size": by_size, "rejection": rej, "queries": int(len(r["_term"])),
               "glossary_size": int(n_terms), "qps": float(len(audio) / max(search_s, 1e-9)), "baseline": baseline,
               "fused": fused}
     details = {"index": kind, "index_build_seconds": round(build_seconds, 4), "split": split,
                "features": str(cache.root), "own_cache": cache is own, "glossary_rows": int(len(vecs)),
                "seen_queries": int(r["_seen"].sum()), "unseen_queries": int((~r["_seen"]).sum()),
+               "unseen_strict_queries": int(r["_strict"].sum()),
+               "unseen_strict_terms": int(sum(seen_term.strict[t] for t in split_terms)),
                "term_chunks": int(term_chunk.sum()), "noterm_chunks": int((~term_chunk).sum()),
-               "split_terms": len(split_terms), "threshold_note": note, "keep_hits": keep_hits,
-               "distractors": len(dist_texts), "train_limit": run_cfg.train.limit,
+               "split_terms": len(split_terms), "threshold_note": note, "fused_note": fused_note,
+               "keep_hits": keep_hits,
+               "distractors": len(dist_texts), "distractors_dropped": dropped, "train_limit": run_cfg.train.limit,
                "checkpoint": e.ckpt_path.name, "checkpoint_sha256": file_sha256(e.ckpt_path)}
     return report, details, max_score[term_chunk], max_score[~term_chunk]
 
@@ -536,6 +610,10 @@ def report_markdown(r: dict, name: str = "") -> str:
              "| all | " + " | ".join(_fmt(r["recall"][k]) for k in ks) + f" | {r['queries']} |",
              "| seen terms | " + " | ".join(_fmt(r["recall_seen"][k]) for k in ks) + f" | {r['seen_queries']} |",
              "| unseen terms | " + " | ".join(_fmt(r["recall_unseen"][k]) for k in ks) + f" | {r['unseen_queries']} |"]
+    if "recall_unseen_strict" in r:      # reports written before it have no such key
+        lines.append("| strictly unseen terms (no word heard in training) | "
+                     + " | ".join(_fmt(r["recall_unseen_strict"][k]) for k in ks)
+                     + f" | {r.get('unseen_strict_queries', '')} |")
     if b:
         lines += ["| cascade (ASR + fuzzy match): all | " + " | ".join(_fmt(b["recall"][k]) for k in ks) + " | |",
                   "| cascade: seen terms | " + " | ".join(_fmt(b["recall_seen"][k]) for k in ks) + " | |",
@@ -563,6 +641,11 @@ def report_markdown(r: dict, name: str = "") -> str:
                      f"| | | | {b['qps']:.0f} |")
     if j["threshold"] is None:
         lines += ["", f"No threshold: {r.get('threshold_note', '')}"]
+    if r.get("fused_note"):
+        lines += ["", f"No 'ours + transcript': {r['fused_note']}"]
+    if r.get("own_cache", True) and r["split"] == "dev":
+        lines += ["", "Dev also chose this run's checkpoint (early stopping on dev R@5): its figures are not "
+                  "held out; report test."]
     if not b:
         lines += ["", "No cascade baseline: the split has no cached transcripts."]
     return "\n".join(lines) + "\n"

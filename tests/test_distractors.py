@@ -62,3 +62,18 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
     from shared.errors import BadInput
     with pytest.raises(BadInput, match="distractor file does not exist"):
         load_distractors(str(tmp_path / "none.txt"), 10)
+
+
+def test_clashes_are_word_level_both_ways_and_spoken_words():
+    from shared.distractors import clashes
+    names = ["Jordan", "Michael Jordan Jr", "Jordanville", "Will", "Willow", "New York", "York", "Grace",
+             "San Jose", "Paris"]
+    forms = ["michael jordan", "new york city", "Kubernetes"]
+    said = ["I will go to san jose", "grace, said the willows", "paris-based"]
+    gloss, spoken = clashes(names, forms, said)
+    # Jordan is inside "michael jordan"; "Michael Jordan Jr" holds it; New York and York are inside
+    # "new york city"; Jordanville and Willow share letters, not words
+    assert gloss.tolist() == [True, True, False, False, False, True, True, False, False, False]
+    # "will", "grace" and "san jose" are words of the transcripts; "willows" is not "willow";
+    # "paris-based" is one word
+    assert spoken.tolist() == [False, False, False, True, False, False, False, True, True, False]

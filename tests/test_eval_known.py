@@ -59,7 +59,9 @@ VECS = {}   # cache root -> (glossary rows, owner, distractor rows)
 
 
 def build(root, keys, splits, *, backbone="synthetic", weights="w1", gloss=GLOSS, owner=OWNER,
-          dist_texts=None, dist=None):
+          dist_texts=None, dist=None, said=None):
+    """`said` {(split, i): chunk text}: what chunk i says, when more than its terms."""
+    said = said or {}
     corpus = root / "corpus"
     corpus.mkdir(parents=True)
     manifests, tables, items = {}, {}, {}
@@ -68,14 +70,16 @@ def build(root, keys, splits, *, backbone="synthetic", weights="w1", gloss=GLOSS
         for i, (terms, v) in enumerate(rows):
             t = terms.split()
             chunks.append(Chunk(id=f"{split}{i}", audio="/none.wav", audio_offset=0.0, audio_duration=0.02,
-                                term_chunk_text=terms or f"nothing {i}", term_chunk_audio_ground_truth_terms=t,
+                                term_chunk_text=said.get((split, i), terms or f"nothing {i}"),
+                                term_chunk_audio_ground_truth_terms=t,
                                 is_no_term_chunk=not t, split=split))
             feats.append(np.asarray(v, dtype=np.float32)[None])
         manifests[split] = corpus / f"{split}.jsonl"
         write_chunks(chunks, manifests[split])
         tables[f"audio/{split}"] = TablePlan(len(rows), 64)
         items[f"audio/{split}"] = ([c.id for c in chunks], feats)
-    texts = sorted({(terms or f"nothing {i}") for rows in splits.values() for i, (terms, _) in enumerate(rows)})
+    texts = sorted({said.get((split, i), terms or f"nothing {i}") for split, rows in splits.items()
+                    for i, (terms, _) in enumerate(rows)})
     if dist_texts:
         tables["text/distractors"] = TablePlan(len(dist_texts), 64)
         items["text/distractors"] = ([str(i) for i in range(len(dist_texts))], [x[None] for x in dist])
@@ -141,8 +145,8 @@ def test_the_whole_report_has_the_known_figures(own):
     cache, run = own
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/test/report.json").read_text())
-    assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "by_glossary_size", "rejection", "queries",
-                            "glossary_size", "qps", "baseline", "fused"}
+    assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "by_glossary_size",
+                            "rejection", "queries", "glossary_size", "qps", "baseline", "fused"}
     assert rep["fused"] is None                                       # no dev transcripts: not reported
     # 7 queries: c0 alpha, c1 alpha, c2 bravo, c3 delta, c4 echo, c6 charlie, c6 echo
     assert rep["queries"] == 7 and rep["glossary_size"] == 6
@@ -183,6 +187,41 @@ def test_the_whole_report_has_the_known_figures(own):
     for name in ("report.md", "details.json", "recall_at_k.png", "max_scores.png", "glossary.index"):
         assert (run / "eval/test" / name).is_file()
     assert "baseline.recall.5" in compare([run], None, log=quiet)
+
+
+def test_strictly_unseen_leaves_out_terms_whose_words_were_heard(tmp_path):
+    """Train chunk 2 also says "echo": echo stays unseen by key (no trained chunk holds the term) but is
+    not strictly unseen; delta (after train.limit 3) is both."""
+    cache = build(tmp_path / "c", KEYS, {"train": TRAIN, "dev": DEV, "test": TEST},
+                  said={("train", 2): "charlie and an echo", ("train", 3): "delta"})
+    run = make_run(tmp_path / "c", cache)
+    rep = evaluate(run, log=quiet)
+    # unseen: c3 delta (hit@1), c4 echo (hit@1), c6 echo (2nd): R@1 2/3; strictly: c3 delta alone
+    assert (rep["unseen_queries"], rep["unseen_strict_queries"], rep["unseen_strict_terms"]) == (3, 1, 1)
+    assert rep["recall_unseen"]["1"] == pytest.approx(2 / 3)
+    assert rep["recall_unseen_strict"] == pytest.approx({"1": 1.0, "2": 1.0, "3": 1.0})
+    assert "| strictly unseen terms (no word heard in training) | 1.000 | 1.000 | 1.000 | 1 |" in \
+        (run / "eval/test/report.md").read_text()
+    # (train chunk 3 says "delta", but after train.limit: not heard.) Every form counts: "tesla" was heard
+    # in "nikola tesla", kubernetes through its alias k8s; docker and delta were never heard
+    assert ev.strictly_unseen_terms({"keys": ["nikola tesla", "tesla", "docker", "kubernetes", "delta"],
+                                     "aliases": {"k8s": "kubernetes"}},
+                                    {"nikola tesla"}, {"we", "use", "k8s", "nikola", "tesla"}).tolist() == \
+        [False, False, True, False, True]
+
+
+def test_distractors_that_clash_with_the_corpus_are_dropped(tmp_path):
+    """"Echo Park" holds the glossary term echo, "Alpha" is one, "Nothing" is spoken in no-term chunks
+    ("nothing 5"): only Zulu and Yankee pad the glossary."""
+    cache = build(tmp_path / "c", KEYS, {"train": TRAIN, "dev": DEV, "test": TEST},
+                  dist_texts=["Alpha", "Zulu", "Echo Park", "Yankee", "Nothing"], dist=DIST)
+    run = make_run(tmp_path / "c", cache)
+    rep = evaluate(run, log=quiet)
+    assert rep["distractors"] == 2 and rep["distractors_dropped"] == {"glossary": 2, "spoken": 1}
+    by = rep["by_glossary_size"]
+    assert list(by) == ["6", "7"] and [by[s]["distractors"] for s in by] == [1, 2]
+    assert by["6"]["recall"]["1"] == pytest.approx(4 / 7)             # Zulu beats echo in c4, as before
+    assert by["7"]["recall"]["1"] == pytest.approx(3 / 7)             # and Yankee beats delta in c3
 
 
 def test_config_and_set_override_the_runs_eval_keys(own):
@@ -275,3 +314,11 @@ def test_ours_plus_transcript_takes_its_weight_from_dev(own):
     assert f["weight"] == 0.5 and f["recall"]["1"] == pytest.approx(6 / 7)
     assert f["recall"]["1"] > rep["recall"]["1"]
     assert "ours + transcript (weight 0.5 from dev)" in (run / "eval/test/report.md").read_text()
+    # on dev itself the weight would be picked on the figures it reports: none, and the note says why
+    logs = []
+    (cache.root / "transcripts/dev.jsonl").write_text("".join(
+        json.dumps({"id": f"dev{i}", "text": t}) + "\n" for i, t in enumerate(["alpha", "bravo", "charlie", ""])))
+    rep = evaluate(run, "dev", overrides=["eval.fusion_weights=0.5"], log=logs.append)
+    assert rep["baseline"] is not None and rep["fused"] is None
+    assert "fusion weight is picked" in rep["fused_note"] and any("fusion weight is picked" in m for m in logs)
+    assert "No 'ours + transcript'" in (run / "eval/dev/report.md").read_text()

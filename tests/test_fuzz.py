@@ -2,7 +2,9 @@
 glossaries (dict JSON, list JSON, text), alias maps, TextGrids, segment TSVs and config TOML.
 
 The property, for each: a result whose counts add up (every record kept or rejected with a reason,
-and what was kept is well formed), or a BadInput naming the file; never another exception.
+and what was kept is well formed), or a BadInput naming the file; never another exception. A reader
+refusing everything would keep that property, so each reader must also accept a share of its
+generated inputs, and a fixed set of valid files, reading from them what they hold.
 
 Runs are deterministic (`derandomize`), so `make test` is the same every time; to search further,
 `FUZZ_EXAMPLES=5000 FUZZ_SEED=random pytest tests/test_fuzz.py` (examples per reader; any seed).
@@ -54,14 +56,29 @@ def bad_input_names_the_file(err: BadInput, path: Path) -> None:
     assert str(err).strip()
 
 
+# How the generated inputs of the reader being fuzzed fared: a reader that refused everything would
+# pass every property, so each test also asserts a share of its inputs was accepted.
+TALLY = {"accepted": 0, "refused": 0}
+
+
 def read_or_refused(reader, path: Path, text: str):
     """reader(path) once `text` is written there; None when it refuses with a BadInput naming the file."""
     path.write_text(text, encoding="utf-8")
     try:
-        return reader(path)
+        out = reader(path)
     except BadInput as e:
         bad_input_names_the_file(e, path)
+        TALLY["refused"] += 1
         return None
+    TALLY["accepted"] += 1
+    return out
+
+
+def accepted_share(fuzz) -> float:
+    """Run a hypothesis-decorated fuzz body over its generated inputs; the share the reader accepted."""
+    TALLY.update(accepted=0, refused=0)
+    fuzz()
+    return TALLY["accepted"] / max(1, TALLY["accepted"] + TALLY["refused"])
 
 
 # -------------------------------------------------------------------------------------------- manifests
@@ -124,7 +141,7 @@ def manifests(draw):
 
 @FUZZ
 @given(manifests(), st.booleans())
-def test_manifest_reader(manifest, with_glossary):
+def fuzz_manifest_reader(manifest, with_glossary):
     text, n_records = manifest
     try:                                           # a file that parses as a JSON array is one (the seed's)
         whole = json.loads(text)
@@ -141,7 +158,11 @@ def test_manifest_reader(manifest, with_glossary):
         kept = read_chunks(path, gloss, skip_bad=True, rejects=rejects)
     except BadInput as e:                           # a file-level problem: not JSON at all, or nothing left
         bad_input_names_the_file(e, path)
+        TALLY["refused"] += 1
         return
+    TALLY["accepted"] += 1
+    TALLY["records"] = TALLY.get("records", 0) + n_records
+    TALLY["kept"] = TALLY.get("kept", 0) + len(kept)
     assert len(kept) + len(rejects) == n_records    # every record kept or rejected with its reason
     assert all(r["reason"] and r["file"] == str(path) for r in rejects.items)
     assert len({c.id for c in kept}) == len(kept)
@@ -161,6 +182,13 @@ def test_manifest_reader(manifest, with_glossary):
     except BadInput as e:
         assert rejects.items and e.record == rejects.items[0]["record"]
         bad_input_names_the_file(e, path)
+
+
+def test_manifest_reader():
+    TALLY.update(records=0, kept=0)
+    # mutated files still mostly parse, and most of their records are good ones (0-3 fields changed)
+    assert accepted_share(fuzz_manifest_reader) > 0.5
+    assert TALLY["kept"] > 0.3 * TALLY["records"], TALLY
 
 
 # ------------------------------------------------------------------------------ glossaries, alias maps
@@ -185,7 +213,7 @@ def glossaries(draw):
 
 @FUZZ
 @given(glossaries())
-def test_glossary_reader(glossary):
+def fuzz_glossary_reader(glossary):
     name, text = glossary
     g = read_or_refused(lambda p: load_glossary(p, log=None), WORK / name, text)
     if g is None:
@@ -202,9 +230,15 @@ def test_glossary_reader(glossary):
         assert isinstance(entry.get("short_description", ""), str)
 
 
+# alias maps from a few forms that chain (kube -> k8s -> kubernetes), cycle, clash or are empty, as well as
+# anything: random text alone is almost never a valid map
+ALIAS_WORDS = ["k8s", "kube", "K8S", "ps5", "nyc", "", " ", "Kubernetes", "kubernetes", "PlayStation", "New York"]
+alias_maps = st.dictionaries(st.sampled_from(ALIAS_WORDS), st.sampled_from(ALIAS_WORDS), max_size=4)
+
+
 @FUZZ
-@given(st.dictionaries(names, names | json_values, max_size=6) | json_values)
-def test_alias_map_reader(data):
+@given(alias_maps | st.dictionaries(names, names | json_values, max_size=6) | json_values)
+def fuzz_alias_map_reader(data):
     aliases = read_or_refused(read_alt2main, WORK / "alt2main.json", json.dumps(data))
     if aliases is None:
         return
@@ -249,7 +283,7 @@ def textgrids(draw):
 
 @FUZZ
 @given(textgrids())
-def test_textgrid_reader(text):
+def fuzz_textgrid_reader(text):
     words = read_or_refused(read_words, WORK / "seg.TextGrid", text)
     if words is None:
         return
@@ -268,7 +302,7 @@ cells = names | st.sampled_from(["a.wav", "a.wav:0:16000", "a.wav:-5:10", "a.wav
 
 @FUZZ
 @given(st.booleans(), st.lists(st.lists(cells, min_size=0, max_size=7), max_size=6))
-def test_segments_reader(header, rows):
+def fuzz_segments_reader(header, rows):
     lines = (["id\taudio\tn_frames\tspeaker\tsrc_text\tsrc_lang"] if header else []) + ["\t".join(r) for r in rows]
     segs = read_or_refused(read_segments, WORK / "segments.tsv", "\n".join(lines) + "\n")
     if segs is None:
@@ -293,14 +327,18 @@ def _toml(value) -> str:
     return json.dumps(str(value))
 
 
-CONFIG_KEYS = [f"{s}.{k}" for s, sec in Config().to_dict().items() for k in sec] + ["train.nope", "nope.x", "x"]
+DEFAULTS = {f"{s}.{k}": v for s, sec in Config().to_dict().items() for k, v in sec.items()}
+CONFIG_KEYS = list(DEFAULTS) + ["train.nope", "nope.x", "x"]
 toml_values = (st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
                | st.text(max_size=8) | st.lists(st.integers(0, 3) | st.text(max_size=3), max_size=3))
+# a key with its default (a valid value of the right type) 3 times in 4, with anything otherwise
+key_values = st.tuples(st.sampled_from(CONFIG_KEYS), st.integers(0, 3)).flatmap(
+    lambda kr: st.tuples(st.just(kr[0]), st.just(DEFAULTS[kr[0]]) if kr[0] in DEFAULTS and kr[1] else toml_values))
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(CONFIG_KEYS), toml_values, max_size=5), st.booleans())
-def test_config_reader(values, junk):
+@given(st.lists(key_values, max_size=5, unique_by=lambda kv: kv[0]).map(dict), st.booleans())
+def fuzz_config_reader(values, junk):
     by_section: dict[str, dict] = {}
     for key, v in values.items():
         sec, _, name = key.rpartition(".")
@@ -316,6 +354,80 @@ def test_config_reader(values, junk):
         for k, v in kv.items():
             assert not isinstance(v, float) or math.isfinite(v), f"{sec}.{k} = {v}"
     assert cfg.train.batch_size >= 1 and cfg.train.epochs >= 1 and cfg.train.lr > 0
+
+
+@pytest.mark.parametrize("name, fuzz, least", [
+    ("glossary", fuzz_glossary_reader, 0.1), ("alias map", fuzz_alias_map_reader, 0.1),
+    ("TextGrid", fuzz_textgrid_reader, 0.1), ("segments", fuzz_segments_reader, 0.05),
+    ("config", fuzz_config_reader, 0.1)])
+def test_reader_properties_hold_on_generated_inputs_and_many_are_accepted(name, fuzz, least):
+    share = accepted_share(fuzz)
+    assert share >= least, f"{name}: only {share:.1%} of the generated inputs accepted"
+
+
+# Valid files each reader must accept, with what it must read from them: a reader refusing (or
+# dropping) good input fails here, where the properties above would still hold.
+def _valid_manifest(path):
+    recs = [good_record(i, False) for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rejects = RejectLog(None)
+    kept = read_chunks(path, GLOSS, skip_bad=True, rejects=rejects)
+    assert [c.id for c in kept] == ["c0", "c1", "c2"] and not rejects.items
+    assert [c.terms for c in kept] == [["new york"], ["new york"], []] and kept[2].is_no_term_chunk
+    assert kept[1].audio_offset == 0.5 and kept[1].audio_duration == 1.5 and Path(kept[0].audio) == WAV
+
+
+def _valid_seed_manifest(path):
+    path.write_text(json.dumps([good_record(i, True) for i in range(2)]))
+    kept = read_chunks(path, GLOSS)
+    assert [c.terms for c in kept] == [["kubernetes"], ["kubernetes"]]
+    assert [c.term_chunk_text for c in kept] == ["say kubernetes 0", "say kubernetes 1"]
+
+
+def _valid_glossaries(path):
+    for name, text in [("g.json", json.dumps({"Kubernetes": {"term": "Kubernetes", "target_translations": {"de": "K"}},
+                                              "new york": {"term": "New York"}})),
+                       ("g.json", json.dumps(["Kubernetes", {"term": "New York"}])),
+                       ("g.txt", "# terms\nKubernetes\n\nNew York\n")]:
+        (path.parent / name).write_text(text)
+        g = load_glossary(path.parent / name, log=None)
+        assert g.keys == ["kubernetes", "new york"] and g.entries["new york"]["term"] == "New York"
+
+
+def _valid_alias_map(path):
+    path.write_text(json.dumps({"K8s": "Kubernetes", "kube": "k8s", "NYC": "New York"}))
+    assert read_alt2main(path) == {"k8s": "kubernetes", "kube": "kubernetes", "nyc": "new york"}
+
+
+def _valid_textgrid(path):
+    path.write_text(textgrid([(0.1, 0.5, "hello"), (0.6, 1.2, "New York")], 1.5))
+    words = read_words(path)
+    assert [(w.start, w.end, w.text) for w in words] == [(0.1, 0.5, "hello"), (0.6, 1.2, "New York")]
+
+
+def _valid_segments(path):
+    rows = ["s1\ta.wav\t16000\tspk\thello\ten", "s2\ta.wav:16000:8000\t8000\tspk\tworld\ten"]
+    for header in ([], ["id\taudio\tn_frames\tspeaker\tsrc_text\tsrc_lang"]):
+        path.write_text("\n".join(header + rows) + "\n")
+        segs = read_segments(path)
+        assert [(s.id, Path(s.audio), s.offset, s.num_samples) for s in segs] == \
+            [("s1", WAV, 0, -1), ("s2", WAV, 16000, 8000)]
+
+
+def _valid_config(path):
+    path.write_text('[train]\nbatch_size = 8\nlr = 0.01\n[eval]\nglossary_sizes = [100, 1000]\n')
+    cfg = load_config(path)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.eval.glossary_sizes) == (8, 0.01, [100, 1000])
+    assert cfg.train.epochs == Config().train.epochs                 # the rest keeps its defaults
+
+
+@pytest.mark.parametrize("check, name", [(_valid_manifest, "m.jsonl"), (_valid_seed_manifest, "m.json"),
+                                         (_valid_glossaries, "g.json"), (_valid_alias_map, "a.json"),
+                                         (_valid_textgrid, "v.TextGrid"), (_valid_segments, "s.tsv"),
+                                         (_valid_config, "c.toml")],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_valid_files_are_read_whole(check, name):
+    check(WORK / name)               # in WORK: the manifests' relative "a.wav" is WORK's
 
 
 @pytest.fixture(scope="module", autouse=True)

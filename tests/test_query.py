@@ -86,13 +86,24 @@ def test_talk_glossary_rows_aliases_cache_and_candidates(run, talk_glossary, mon
     R.Retriever.load(run, glossary=g, backbone=FrameBackbone(), threshold=-1.0, log=quiet)
     assert len(calls) == 2
     wav = (0.1 * np.random.default_rng(0).standard_normal(16000 * 4)).astype(np.float32)
-    out = r.retrieve(wav, top_k=2)
-    assert len(out) == 4 and all(len(w["candidates"]) == 2 for w in out)     # threshold -1: all pass
-    by_term = {c["term"]: c for w in out for c in w["candidates"]}
-    if "Kubernetes" in by_term:
-        assert by_term["Kubernetes"]["translations"]["zh"] == "库伯内特斯"
-        assert by_term["Kubernetes"]["description"] == "container orchestration"
-    assert "translations" not in by_term.get("Docker", {})
+    every = r.retrieve(wav, top_k=3)                   # threshold -1: every term in every window, best first
+    assert len(every) == 4
+    own = {"Kubernetes": ({"de": "Kubernetes", "zh": "库伯内特斯"}, "container orchestration"),
+           "PlayStation": ({"de": "PlayStation"}, None), "Docker": (None, None)}
+    for w in every:
+        assert sorted(c["term"] for c in w["candidates"]) == ["Docker", "Kubernetes", "PlayStation"]
+        assert [c["score"] for c in w["candidates"]] == sorted((c["score"] for c in w["candidates"]), reverse=True)
+        for c in w["candidates"]:                      # its own entry's translations and description, no other's
+            assert (c.get("translations"), c.get("description")) == own[c["term"]], c
+    assert [w["candidates"] for w in r.retrieve(wav, top_k=2)] == [w["candidates"][:2] for w in every]
+    # a threshold between two of the scores keeps exactly the candidates that reach it, in the same order
+    scores = sorted({c["score"] for w in every for c in w["candidates"]})
+    m = len(scores) // 2
+    r.threshold = (scores[m - 1] + scores[m]) / 2      # scores are rounded to 4 places: not on one of them
+    kept = r.retrieve(wav, top_k=3)
+    assert [w["candidates"] for w in kept] == \
+        [[c for c in w["candidates"] if c["score"] > r.threshold] for w in every]
+    assert 0 < sum(map(len, (w["candidates"] for w in kept))) < 12
 
 
 def test_query_command_reads_pcm_from_stdin_and_a_resampled_wav(run, talk_glossary, tmp_path, monkeypatch):
@@ -110,6 +121,11 @@ def test_query_command_reads_pcm_from_stdin_and_a_resampled_wav(run, talk_glossa
     lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert [(w["start"], w["end"]) for w in lines] == [(0.0, 1.92), (0.96, 2.88), (1.58, 3.5)]
     assert all(len(w["candidates"]) == 2 for w in lines)
+    # --threshold reaches the search: no cosine reaches 1.01, so every window is empty
+    res = CliRunner().invoke(R.query_command, ["--run", str(run), "--audio", "-", "--glossary", str(g),
+                                               "--top-k", "2", "--threshold", "1.01"], input=pcm)
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["candidates"] for x in res.stdout.splitlines() if x.startswith("{")] == [[], [], []]
     # the same audio as a 44.1 kHz stereo file: converted, and said so
     import soxr
     path = tmp_path / "talk.wav"

@@ -183,14 +183,24 @@ def test_slice_sizes_and_single_process_gather():
     assert gather_rows(x, [5], 8) is x
 
 
-def test_hard_negatives_can_come_from_train_terms_only(features, tmp_path):
-    tr = Trainer(cfg_for(**{"train.mine_from": "train", "train.epochs": 1}), features, tmp_path / "run", log=quiet)
+def test_hard_negatives_come_from_the_trained_chunks_terms_only(features, tmp_path):
+    """mine_from=train with train.limit 60: negatives are terms of the first 60 train chunks (read from the
+    manifest here), never a term that only later train chunks, dev or test hold: what eval calls seen."""
+    from shared.manifest import read_chunks
+    from stage3_index.evaluate import trained_keys
+    limit = 60
+    chunks = read_chunks(features.parent / "corpus" / "train.jsonl")
+    first = {int(k[len("term"):]) for c in chunks[:limit] for k in c.terms}    # "term007" is term id 7
+    later = {int(k[len("term"):]) for c in chunks[limit:] for k in c.terms} - first
+    assert len(later) >= 3                                                 # the limit matters on this cache
+    tr = Trainer(cfg_for(**{"train.mine_from": "train", "train.epochs": 1, "train.limit": limit}), features,
+                 tmp_path / "run", log=quiet)
     tr.fit(stop_after=5)
     tr.refresh_hard_negatives()
-    trained = {t for ts in tr.train_data.terms for t in ts}
     mined = tr.hard[tr.seen]
-    assert (mined >= 0).any()
-    assert {int(tr.owner[r]) for r in mined[mined >= 0]} <= trained       # no dev/test-only term's form
+    assert tr.seen.sum() == limit and (mined >= 0).sum() >= 2 * limit
+    assert {int(tr.owner[r]) for r in mined[mined >= 0]} <= first        # nothing after the limit, dev or test
+    assert trained_keys(tr.cache, limit) == {f"term{t:03d}" for t in first}   # eval's "seen": the same chunks
     for i in np.flatnonzero(tr.seen):                                      # never a chunk's own term
         assert not set(tr.owner[tr.hard[i][tr.hard[i] >= 0]].tolist()) & set(tr.train_data.terms[i])
 
