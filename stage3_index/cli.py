@@ -17,6 +17,7 @@ def cli():
     compare  several runs side by side (config differences and metrics)
     query    a talk's glossary, top-K candidates per window of a WAV file or a live PCM stream
     ablation train each variant of a config on the same cache; one comparison table (make ablation)
+    talk     whole recordings streamed at the default threshold: terms found, false hints/min, delay (make talks)
     """
 
 
@@ -58,8 +59,10 @@ def compare_command(runs, out, split):
 def _register():
     from stage3_index.ablation import ablation_command
     from stage3_index.retriever import query_command
+    from stage3_index.talk import talk_command
     cli.add_command(query_command)
     cli.add_command(ablation_command)
+    cli.add_command(talk_command)
 
 
 def main():

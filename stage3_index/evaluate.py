@@ -306,30 +306,84 @@ def read_transcripts(cache: FeatureCache, split: str) -> dict[str, str] | None:
     return out
 
 
+def transcripts_header(cache: FeatureCache, split: str) -> dict:
+    """The header `<cache>/transcripts/<split>.json` that `transcribe` writes last ({} when absent)."""
+    path = cache.root / "transcripts" / f"{split}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise BadInput("not a transcripts header (JSON)", file=path, fix="rerun the transcription") from None
+
+
+def transcripts_subset(cache: FeatureCache, split: str, data: SplitData) -> np.ndarray | None:
+    """Rows of `data` its transcripts cover when they were made for a fixed subset (`transcribe` with
+    extract.asr_every > 1); None when they cover the whole split (or there are none). Every figure that
+    reads transcripts (the cascade, ours beside it, ours + transcript) is then taken on these rows only."""
+    if int(transcripts_header(cache, split).get("every") or 1) <= 1:
+        return None
+    said = read_transcripts(cache, split) or {}
+    return np.array([n for n, i in enumerate(data.ids[:len(data)]) if str(i) in said], dtype=np.int64)
+
+
 def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term, ks, split_terms,
-                     dist_texts: list[str], sizes, log) -> dict | None:
-    """The cascade's recall / seen / unseen / AUROC on the same queries (and glossary sizes), or None."""
+                     dist_texts: list[str], sizes, log, *, ours=None, scorer: str | None = None) -> dict | None:
+    """The cascade's recall / seen / unseen / AUROC on the same queries (and glossary sizes), or None.
+
+    scorer: stage3_index.cascade's fuzzy scorer (eval.cascade_scorer; None = its default). When the
+    split's transcripts cover a fixed subset (`transcribe` with extract.asr_every = k > 1, recorded in
+    their header), the cascade is scored on the chunks of that subset only, and `ours` ((ids, scores)
+    of our ranking of every chunk of the split) on the very same chunks beside it: "ours_same_chunks".
+    "asr" says how the transcripts were decoded (Whisper's mode) and which chunks they cover.
+    """
     transcripts = read_transcripts(cache, split)
     if transcripts is None:
         log(f"no transcripts for split {split!r} of {cache.root}: baseline skipped; make them with "
             + TRANSCRIBE_HINT.format(cache=cache.root, split=split))
         return None
-    from stage3_index.cascade import CascadeMatcher, rank_all, term_forms
+    from stage3_index.cascade import DEFAULT_SCORER, SCORERS, CascadeMatcher, rank_all, term_forms
+    scorer = scorer or DEFAULT_SCORER
+    if scorer not in SCORERS:
+        raise BadInput(f"eval.cascade_scorer {scorer!r} is not one of {', '.join(SCORERS)}", file="config [eval]",
+                       fix=f"the default is {DEFAULT_SCORER!r}")
+    head = transcripts_header(cache, split)
+    fp = head.get("fingerprint") or {}
+    decoding = fp.get("decoding") or {}
+    # headers written before the modes existed padded each batch to its longest chunk + 1 s
+    mode = decoding.get("mode") or ("fast" if "pad_seconds" in decoding else fp.get("asr"))
+    every = int(head.get("every") or 1)
     g = cache.read_json("glossary.json")
     texts = g["texts"] if g.get("text_field", "term") == "term" else None
     forms, owner = term_forms(g["keys"], g.get("aliases", {}), texts)
     ids_order = [str(i) for i in data.ids[:len(data)]]
-    missing = sum(i not in transcripts for i in ids_order)
-    if missing:
-        log(f"baseline: {missing} of {len(ids_order)} chunks have no transcript (scored as empty)")
-    said = [transcripts.get(i, "") for i in ids_order]
+    chosen = transcripts_subset(cache, split, data)
+    if chosen is not None:
+        log(f"baseline: the transcripts cover one chunk in {every} ({len(chosen)} of {len(ids_order)}): the "
+            "cascade, and ours beside it, on those chunks")
+    else:
+        chosen = np.arange(len(ids_order), dtype=np.int64)
+        missing = sum(i not in transcripts for i in ids_order)
+        if missing:
+            log(f"baseline: {missing} of {len(ids_order)} chunks have no transcript (scored as empty)")
+    said = [transcripts.get(ids_order[n], "") for n in chosen]
+    gold = [data.terms[n] for n in chosen]
     k = max(ks)
     t0 = time.perf_counter()
-    ids, scores = rank_all(said, forms, owner, k)
+    ids, scores = rank_all(said, forms, owner, k, matcher=CascadeMatcher(forms, owner, scorer))
     secs = time.perf_counter() - t0
-    r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
-    out = {key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "auroc", "auroc_top1_correct")}
+    r = score_ranking(ids, scores, gold, seen_term, ks)
+    out = {key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "auroc",
+                                   "auroc_top1_correct") if key in r}
     out["qps"] = float(len(said) / max(secs, 1e-9))
+    out["queries"] = int(len(r["_term"]))
+    out["scorer"] = scorer
+    out["asr"] = {"mode": mode, "pad": decoding.get("pad", ""), "every": every, "chunks": int(len(chosen)),
+                  "split_chunks": len(ids_order)}
+    if every > 1 and ours is not None:
+        same = score_ranking(np.asarray(ours[0])[chosen], np.asarray(ours[1])[chosen], gold, seen_term, ks)
+        out["ours_same_chunks"] = {key: same[key] for key in ("recall", "recall_seen", "recall_unseen",
+                                                              "recall_unseen_strict") if key in same}
     n_terms = len(g["keys"])
     rows = {}
     owner = np.asarray(owner, dtype=np.int64)
@@ -344,9 +398,9 @@ def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term
         f = base_forms + [normalize(t) for t in dist_texts[:n_pad]]
         o = np.concatenate([base_owner, n_terms + np.arange(n_pad, dtype=np.int64)])
         t0 = time.perf_counter()
-        ids_s, _ = rank_all(said, f, o, k, matcher=CascadeMatcher(f, o))
+        ids_s, _ = rank_all(said, f, o, k, matcher=CascadeMatcher(f, o, scorer))
         secs = time.perf_counter() - t0
-        _, _, h = query_hits(ids_s, data.terms[:len(data)], ks)
+        _, _, h = query_hits(ids_s, gold, ks)
         rows[str(real)] = {"recall": {str(kk): (float(h[:, i].mean()) if len(h) else None) for i, kk in enumerate(ks)},
                            "qps": float(len(said) / max(secs, 1e-9)), "distractors": n_pad}
     out["by_glossary_size"] = rows
@@ -395,17 +449,22 @@ def fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen
     dev = SplitData(own, "dev")
     dev_audio = embed(model.audio, dev.audio.items(range(len(dev))))
     dev_rank = _fused_ranking(own, "dev", dev, dev_audio, dindex, dvecs, downer, k)
-    dev_terms = dev.terms[:len(dev)]
+    dev_rows = transcripts_subset(own, "dev", dev)       # None = all of dev has transcripts
+    dev_terms = dev.terms[:len(dev)] if dev_rows is None else [dev.terms[n] for n in dev_rows]
 
     def on_dev(w):
         ids, _ = dev_rank(w)
-        _, _, h = query_hits(ids, dev_terms, ks)
+        _, _, h = query_hits(ids if dev_rows is None else ids[dev_rows], dev_terms, ks)
         return {str(kk): float(h[:, i].mean()) for i, kk in enumerate(ks)}
 
     weight, tried = pick_weight(on_dev, weights)
     ranked = _fused_ranking(cache, split, data, audio, index, vecs, owner, k)
     ids, scores = ranked(weight)
-    r = score_ranking(ids, scores, data.terms[:len(data)], seen_term, ks)
+    rows = transcripts_subset(cache, split, data)
+    if rows is not None:
+        ids, scores = ids[rows], scores[rows]
+    r = score_ranking(ids, scores, data.terms[:len(data)] if rows is None else [data.terms[n] for n in rows],
+                      seen_term, ks)
     log(f"ours + transcript: weight {weight} picked on dev (dev mean R@1/5/10 by weight: "
         + ", ".join(f"{w}: {np.mean(list(v.values())):.3f}" for w, v in tried.items()) + ")")
     return {**{key: r[key] for key in ("recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "auroc")
@@ -566,7 +625,7 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
             "extract --set data.distractors=builtin` (only that table is extracted, the audio is kept)")
 
     baseline = cascade_baseline(cache, split, data, seen_term, ks, split_terms, dist_texts,
-                                cfg.eval.glossary_sizes, log)
+                                cfg.eval.glossary_sizes, log, ours=(ids, scores), scorer=cfg.eval.cascade_scorer)
     fused = fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks,
                          cfg.eval.fusion_weights, log) if baseline is not None and cfg.eval.fusion_weights else None
     fused_note = DEV_FUSED_NOTE if cache is own and split == "dev" and baseline is not None else None
@@ -615,9 +674,15 @@ def report_markdown(r: dict, name: str = "") -> str:
                      + " | ".join(_fmt(r["recall_unseen_strict"][k]) for k in ks)
                      + f" | {r.get('unseen_strict_queries', '')} |")
     if b:
-        lines += ["| cascade (ASR + fuzzy match): all | " + " | ".join(_fmt(b["recall"][k]) for k in ks) + " | |",
+        bq = b.get("queries", "")
+        lines += ["| cascade (ASR + fuzzy match): all | " + " | ".join(_fmt(b["recall"][k]) for k in ks) + f" | {bq} |",
                   "| cascade: seen terms | " + " | ".join(_fmt(b["recall_seen"][k]) for k in ks) + " | |",
                   "| cascade: unseen terms | " + " | ".join(_fmt(b["recall_unseen"][k]) for k in ks) + " | |"]
+        same = b.get("ours_same_chunks")
+        if same:
+            lines += ["| ours on the cascade's chunks: all | " + " | ".join(_fmt(same["recall"][k]) for k in ks)
+                      + f" | {bq} |", "| ours on the cascade's chunks: unseen terms | "
+                      + " | ".join(_fmt(same["recall_unseen"][k]) for k in ks) + " | |"]
     fz = r.get("fused")
     if fz:
         lines += [f"| ours + transcript (weight {fz['weight']} from dev): all | "
@@ -648,6 +713,12 @@ def report_markdown(r: dict, name: str = "") -> str:
                   "held out; report test."]
     if not b:
         lines += ["", "No cascade baseline: the split has no cached transcripts."]
+    elif b.get("asr"):
+        a = b["asr"]
+        lines += ["", f"Cascade: Whisper decoding {a.get('mode')} ({a.get('pad', '')}), fuzzy scorer {b.get('scorer')}"
+                  + (f"; transcripts of one chunk in {a['every']} only ({a['chunks']} of {a['split_chunks']}): the "
+                     "cascade's rows, ours on the cascade's chunks and ours + transcript are on those."
+                     if a.get("every", 1) > 1 else ".")]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,13 @@ The glossary is the run's own (its cache) or any glossary file the run never saw
 with the run's text side and cached beside the run, keyed by the file's sha256 and the checkpoint's.
 `Retriever.stream()` takes audio blocks of any size and gives each window as soon as it is complete,
 the same windows and candidates as `retrieve` on the whole recording.
+
+The transcript as evidence (`load(..., asr=True)`, `query --transcript`; off by default): the backbone's
+own ASR transcribes each window, its fuzzy match to the glossary's forms (stage3_index/cascade.py) is
+added to the audio scores exactly as eval's "ours + transcript" does (stage3_index/fusion.py), with the
+weight eval's rule picks on the run's dev split, and a candidate must reach a fused threshold picked on
+dev by the same rule as the audio one (`dev_picks`, cached in RUN/transcript_picks.json). Each window
+then also carries its audio-only candidates and its transcript, so both are always reported.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from shared.termside import (TermTable, embed_glossary, embed_table, form_grams,
                              side_spec)
 
 SEARCH_DEPTH = 3        # rows searched per wanted term: aliases are rows of their own, folded into terms
+PICKS_FILE = "transcript_picks.json"   # dev's fusion weight and thresholds, beside the run
 EMBED_BLOCK = 4096      # glossary rows embedded per block (LM states of one block only are in memory)
 WINDOW_BATCH = 16       # windows per backbone call in offline retrieval
 
@@ -78,11 +86,15 @@ class GlossaryIndex:
     entries: list[dict] = field(default_factory=list)   # glossary entry per term id ({} when unknown)
     factory: str = "Flat"
     index: object = None
+    keys: list[str] = field(default_factory=list)        # main key per term id (what aliases point to)
+    aliases: dict[str, str] = field(default_factory=dict)  # {alias key: main key}
 
     def __post_init__(self):
         self.owner = np.asarray(self.owner, dtype=np.int64)
         if not self.entries:
             self.entries = [{} for _ in self.terms]
+        if not self.keys:
+            self.keys = list(self.terms)
         if self.index is None:
             from stage3_index.evaluate import build_or_flat
             self.index, self.factory = build_or_flat(self.vectors, self.factory, log=lambda *_: None)
@@ -93,10 +105,19 @@ class GlossaryIndex:
         ids, scores, _ = rank_terms(self.index, len(self.owner), self.owner, queries, k)
         return ids, scores
 
-    def candidate(self, term_id: int, score: float) -> dict:
-        """What the translator's prompt gets for one term: its form, score, translations, description."""
+    def forms(self) -> tuple[list[str], list[int]]:
+        """Every written form (main key, display text, aliases) with its term id: what the cascade matches,
+        built as eval builds it from a cache's glossary.json."""
+        from stage3_index.cascade import term_forms
+        return term_forms(self.keys, self.aliases, self.terms)
+
+    def candidate(self, term_id: int, score: float, with_id: bool = False) -> dict:
+        """What the translator's prompt gets for one term: its form, score, translations, description
+        (and with `with_id` its term id and main key, for callers joining hints to their glossary)."""
         e = self.entries[term_id]
         out = {"term": self.terms[term_id], "score": round(float(score), 4)}
+        if with_id:
+            out["id"], out["key"] = int(term_id), self.keys[term_id]
         tr = e.get("target_translations", e.get("translations"))
         if isinstance(tr, dict) and tr:
             out["translations"] = tr
@@ -181,6 +202,34 @@ def _backbone_spec(cfg: Config, features: Path):
 
 
 @dataclass
+class TranscriptEvidence:
+    """The transcript as evidence: an ASR (`.transcribe(list of float32 16 kHz arrays) -> texts`), the
+    cascade's matcher over the searched glossary's forms, and what dev picked: the fusion weight and the
+    threshold a fused score must reach. `picked` says where they came from."""
+    asr: object
+    matcher: object
+    weight: float
+    threshold: float
+    picked: dict = field(default_factory=dict)
+
+    # The only two calls the Retriever makes into the ASR and the cascade: a decoding mode or a fuzzy
+    # scorer is switched in `backbone_asr` / stage3_index/cascade.py, never here.
+    def transcribe(self, waves: list[np.ndarray]) -> list[str]:
+        return self.asr.transcribe([np.ascontiguousarray(w, dtype=np.float32) for w in waves])
+
+    def term_scores(self, transcript: str) -> np.ndarray:
+        return self.matcher.term_scores(transcript)
+
+
+def backbone_asr(cfg: Config, features: str | Path | None = None):
+    """The backbone's own ASR for windows, as `make transcripts` decoded dev's chunks in `features` (the run's
+    own cache, whose dev transcripts' fuzzy scores picked the weight and thresholds): the one place the
+    decoding is chosen (stage1_extract.transcribe.load_asr)."""
+    from stage1_extract.transcribe import load_asr
+    return load_asr(cfg, features)
+
+
+@dataclass
 class Retriever:
     backbone: object
     model: RetrievalModel
@@ -189,12 +238,21 @@ class Retriever:
     window: float = 1.92
     hop: float = 0.96
     min_votes: int = 1
+    evidence: TranscriptEvidence | None = None       # the transcript as evidence; None = audio only
+    config: Config | None = None                     # the run's saved config (load sets it)
+    features: Path | None = None                     # the run's own feature cache (load sets it)
 
     @classmethod
     def load(cls, run: str | Path, *, glossary: str | Path | None = None, alt2main: str | Path | None = None,
-             backbone=None, threshold: float | None = None, log=print) -> "Retriever":
+             backbone=None, threshold: float | None = None, asr=None, fused_threshold: float | None = None,
+             log=print) -> "Retriever":
         """The run's model and backbone; `glossary` (any format `prepare` reads, with its `alt2main`) is
-        searched instead of the run's own, embedded once and cached in RUN/glossaries/."""
+        searched instead of the run's own, embedded once and cached in RUN/glossaries/.
+
+        asr: None/False = audio only; True = the backbone's own ASR (`backbone_asr`); or any object with
+        `.transcribe(waves) -> texts`. The transcript is then fused with dev's weight and thresholded at
+        dev's fused threshold (`fused_threshold` to change it); when the run's dev split has no cached
+        transcripts nothing can be picked: it says so and stays audio only."""
         run = Path(run)
         ckpt_path = checkpoint_path(run)
         model, ckpt = load_model(ckpt_path)
@@ -210,7 +268,20 @@ class Retriever:
             index = _file_glossary(run, ckpt_path, model, cfg, glossary, alt2main, backbone, log)
         if threshold is None:
             threshold = _threshold_of(run, model, FeatureCache(features), cfg.eval.keep_hits)
-        return cls(backbone, model, index, threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes)
+        evidence = None
+        if asr is not None and asr is not False:
+            picks = dev_picks(run, model, FeatureCache(features), cfg, log=log)
+            if picks is None:
+                log("the transcript as evidence is off: the run's dev split has no transcripts to pick its weight "
+                    "and threshold on (make them with `python -m stage1_extract transcribe --split dev`)")
+            else:
+                from stage3_index.cascade import CascadeMatcher
+                asr_model = backbone_asr(cfg, features) if asr is True else asr
+                evidence = TranscriptEvidence(
+                    asr_model, CascadeMatcher(*index.forms()), picks["weight"],
+                    picks["fused_threshold"] if fused_threshold is None else float(fused_threshold), picks)
+        return cls(backbone, model, index, threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes,
+                   evidence, cfg, Path(features))
 
     # ---- scoring
 
@@ -220,33 +291,59 @@ class Retriever:
             return np.zeros((0, self.model.audio.proj_dim), dtype=np.float32)
         return embed(self.model.audio, self.backbone.audio_features(waves))
 
-    def _windows(self, spans: list[tuple[int, int]], vecs: np.ndarray, top_k: int) -> list[dict]:
-        """Per window: times and the candidates over the threshold, best first."""
+    def _candidates(self, ids, scores, threshold: float, with_id: bool) -> list[dict]:
+        return [self.glossary.candidate(int(t), sc, with_id) for t, sc in zip(ids, scores)
+                if t >= 0 and sc >= threshold]
+
+    def fused(self, vecs: np.ndarray, transcripts: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(term ids, fused scores) (W, top_k): our best terms and the transcript's, as eval's fusion ranks
+        them (our FUSION_DEPTH best plus the cascade's ten, audio cosine + weight * fuzzy score)."""
+        from stage3_index.evaluate import FUSION_DEPTH
+        from stage3_index.fusion import fuse
+        ev = self.evidence
+        depth = max(top_k, min(FUSION_DEPTH, len(self.glossary.terms)))
+        ids, scores = self.glossary.search(vecs, depth)
+        fuzzy = [ev.term_scores(t) for t in transcripts]
+        return fuse(ids, scores, vecs, self.glossary.vectors, self.glossary.owner, fuzzy, ev.weight, top_k)
+
+    def _windows(self, spans: list[tuple[int, int]], waves: list[np.ndarray], top_k: int,
+                 with_id: bool = False) -> list[dict]:
+        """Per window: times and the candidates over the threshold, best first; with the transcript as
+        evidence, the fused candidates, the audio-only ones beside them and the transcript."""
+        vecs = self.window_vectors(waves)
         ids, scores = self.glossary.search(vecs, top_k)
-        out = []
-        for (s, e), row_ids, row_scores in zip(spans, ids, scores):
-            cands = [self.glossary.candidate(int(t), sc) for t, sc in zip(row_ids, row_scores)
-                     if t >= 0 and sc >= self.threshold]
-            out.append({"start": round(s / SAMPLE_RATE, 3), "end": round(e / SAMPLE_RATE, 3),
-                        "candidates": cands})
+        out = [{"start": round(s / SAMPLE_RATE, 3), "end": round(e / SAMPLE_RATE, 3),
+                "candidates": self._candidates(i, sc, self.threshold, with_id)}
+               for (s, e), i, sc in zip(spans, ids, scores)]
+        if self.evidence is not None and out:
+            said = self.evidence.transcribe(waves)
+            f_ids, f_scores = self.fused(vecs, said, top_k)
+            for w, text, i, sc in zip(out, said, f_ids, f_scores):
+                w["audio_candidates"] = w["candidates"]
+                w["candidates"] = self._candidates(i, sc, self.evidence.threshold, with_id)
+                w["transcript"] = text
         return out
 
     def retrieve(self, audio: str | Path | np.ndarray, top_k: int | None = None) -> list[dict]:
         """With `top_k`: every window's `{start, end, candidates: [{term, score, translations?,
-        description?}]}` (at most top_k over the threshold). Without: the terms heard, merged over
-        consecutive windows (`[{term, score, start, end}]`)."""
+        description?}]}` (at most top_k over the threshold; with the transcript as evidence also
+        `audio_candidates` and `transcript`). Without: the terms heard, merged over consecutive windows
+        (`[{term, score, start, end}]`)."""
         wav = audio if isinstance(audio, np.ndarray) else read_audio(audio, allow_silent=True)
         spans = windows(len(wav), self.window, self.hop)
         results = []
         for b in range(0, len(spans), WINDOW_BATCH):
             part = spans[b:b + WINDOW_BATCH]
-            vecs = self.window_vectors([wav[s:e] for s, e in part])
-            results += self._windows(part, vecs, top_k or 1)
+            results += self._windows(part, [wav[s:e] for s, e in part], top_k or 1)
         return results if top_k else merge_windows(results, self.min_votes)
 
-    def stream(self, top_k: int = 5) -> "Stream":
-        """A live stream: `push(samples)` blocks of any size at 16 kHz, `flush()` at the end."""
-        return Stream(self, top_k)
+    def stream(self, top_k: int = 5, *, batch: int = 1, with_id: bool = False) -> "Stream":
+        """A live stream: `push(samples)` blocks of any size at 16 kHz, `flush()` at the end.
+
+        batch: windows completed by one push run through the backbone (and ASR) together, up to this many
+        (1 = each is given as soon as it is ready; more is faster offline, same windows and candidates).
+        with_id: each candidate also carries its term `id` and main `key`."""
+        return Stream(self, top_k, batch=batch, with_id=with_id)
 
 
 def merge_windows(results: list[dict], min_votes: int = 1) -> list[dict]:
@@ -269,8 +366,8 @@ class Stream:
     shorter one when the recording is shorter than a window). Only the samples later windows need are
     kept, so memory does not grow with the talk's length."""
 
-    def __init__(self, retriever: Retriever, top_k: int = 5):
-        self.r, self.top_k = retriever, top_k
+    def __init__(self, retriever: Retriever, top_k: int = 5, *, batch: int = 1, with_id: bool = False):
+        self.r, self.top_k, self.batch, self.with_id = retriever, top_k, max(1, int(batch)), with_id
         self.w = int(round(retriever.window * SAMPLE_RATE))
         self.h = int(round(retriever.hop * SAMPLE_RATE))
         self._reset()
@@ -284,7 +381,7 @@ class Stream:
 
     def _run(self, spans: list[tuple[int, int]]) -> list[dict]:
         waves = [self.buf[s - self.buf_start:e - self.buf_start] for s, e in spans]
-        return self.r._windows(spans, self.r.window_vectors(waves), self.top_k)
+        return self.r._windows(spans, waves, self.top_k, self.with_id)
 
     def push(self, samples: np.ndarray) -> list[dict]:
         """Add samples (float32 mono 16 kHz, any block size); the windows completed by them."""
@@ -296,8 +393,8 @@ class Stream:
             spans.append((self.next_start, self.next_start + self.w))
             self.next_start += self.h
         out = []
-        for s, e in spans:       # one window per backbone call: each is given as soon as it is ready
-            out += self._run([(s, e)])
+        for b in range(0, len(spans), self.batch):   # batch 1: each window given as soon as it is ready
+            out += self._run(spans[b:b + self.batch])
         self.given += len(spans)
         # keep what the next window, or the end-aligned last one, still needs
         keep_from = max(0, min(self.next_start, self.n - self.w))
@@ -331,7 +428,8 @@ def _run_glossary(model, cache: FeatureCache, cfg: Config) -> GlossaryIndex:
             entries = [gl.entries.get(k, {}) for k in g["keys"]]
         except BadInput:
             entries = []
-    return GlossaryIndex(terms, vecs, owner, entries, cfg.eval.index)
+    return GlossaryIndex(terms, vecs, owner, entries, cfg.eval.index, keys=list(g["keys"]),
+                         aliases=dict(g.get("aliases", {})))
 
 
 def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2main, backbone, log) -> GlossaryIndex:
@@ -360,7 +458,8 @@ def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2mai
     elif log:
         log(f"glossary {path}: {len(gloss):,} terms, embeddings reused from {cached}")
     terms = [gloss.entries[k].get("term") or k for k in gloss.keys]
-    return GlossaryIndex(terms, vecs, owner, [gloss.entries[k] for k in gloss.keys], cfg.eval.index)
+    return GlossaryIndex(terms, vecs, owner, [gloss.entries[k] for k in gloss.keys], cfg.eval.index,
+                         keys=list(gloss.keys), aliases=dict(gloss.aliases))
 
 
 def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
@@ -373,6 +472,99 @@ def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
     from stage3_index.evaluate import dev_threshold
     t = dev_threshold(model, cache, keep_hits, "Flat", log=lambda *_: None)
     return 0.0 if t is None else t
+
+
+def dev_picks(run: Path, model, cache: FeatureCache, cfg: Config, log=print) -> dict | None:
+    """What the transcript as evidence needs, picked on the dev split of the run's own cache (its chunks
+    and their cached transcripts), never on what is evaluated; None when dev has no transcripts.
+
+    - weight: eval's rule (`fusion.pick_weight` over `eval.fusion_weights`, best mean R@1/5/10 of the
+      fused ranking on dev; ties to the smaller), so it equals the weight eval reports for "ours +
+      transcript" (a differing eval report is said);
+    - fused_threshold: the fused score keeping `eval.keep_hits` of dev's fused top-1 hits, the audio
+      threshold's rule;
+    - cascade_threshold: the same rule on the cascade's top-1 fuzzy scores, with eval's cascade scorer
+      (`eval.cascade_scorer`; the talk evaluation's cascade).
+    When dev's transcripts cover a fixed subset (`extract.asr_every`), all three are picked on its chunks.
+
+    Cached in RUN/transcript_picks.json, keyed by the checkpoint, dev's transcripts and those settings."""
+    from stage3_index.evaluate import _fused_ranking, build_or_flat, read_transcripts, transcripts_subset
+    from stage3_index.fusion import pick_weight
+    from shared.metrics import pick_threshold, query_hits
+    from stage2_train.data import SplitData
+    tpath = cache.root / "transcripts" / "dev.jsonl"
+    if "audio/dev" not in cache.tables or not tpath.is_file():
+        return None
+    ks = sorted(set(int(k) for k in cfg.eval.ks))
+    weights = sorted(set(float(w) for w in cfg.eval.fusion_weights)) or [0.0]
+    from stage3_index.cascade import DEFAULT_SCORER, CascadeMatcher, rank_all, term_forms
+    scorer = getattr(cfg.eval, "cascade_scorer", None) or DEFAULT_SCORER
+    key = {"checkpoint_sha256": file_sha256(checkpoint_path(run)), "dev_transcripts_sha256": file_sha256(tpath),
+           "fusion_weights": weights, "keep_hits": cfg.eval.keep_hits, "ks": ks, "cascade_scorer": scorer}
+    path = run / PICKS_FILE
+    if path.is_file():
+        try:
+            got = json.loads(path.read_text())
+            if got.get("key") == key:
+                return got
+        except (OSError, json.JSONDecodeError):
+            pass        # torn by a killed run: pick again
+    t0 = time.perf_counter()
+    vecs, owner = embed_glossary(model, cache)
+    index, _ = build_or_flat(np.ascontiguousarray(vecs, dtype=np.float32), "Flat", log=lambda *_: None)
+    dev = SplitData(cache, "dev")
+    gold = dev.terms[:len(dev)]
+    audio = embed(model.audio, dev.audio.items(range(len(dev))))
+    ranked = _fused_ranking(cache, "dev", dev, audio, index, vecs, np.asarray(owner, np.int64), max(ks))
+    rows = transcripts_subset(cache, "dev", dev)   # dev transcribed one chunk in k (extract.asr_every): those only
+    if rows is not None:
+        gold, every_row = [gold[n] for n in rows], ranked
+        ranked = lambda w: tuple(a[rows] for a in every_row(w))  # noqa: E731
+
+    def on_dev(w):
+        ids, _ = ranked(w)
+        _, _, h = query_hits(ids, gold, ks)
+        return {str(k): float(h[:, i].mean()) for i, k in enumerate(ks)}
+
+    def top1_threshold(ids, scores):
+        chunk, _, hits = query_hits(ids, gold, (1,))
+        right = np.zeros(len(gold), dtype=bool)
+        right[chunk[hits[:, 0]]] = True
+        return pick_threshold(scores[right, 0], cfg.eval.keep_hits) if right.any() else None
+
+    weight, tried = pick_weight(on_dev, weights)
+    fused_threshold = top1_threshold(*ranked(weight))
+    g = cache.read_json("glossary.json")
+    texts = g["texts"] if g.get("text_field", "term") == "term" else None
+    matcher = CascadeMatcher(*term_forms(g["keys"], g.get("aliases", {}), texts), scorer)
+    said = read_transcripts(cache, "dev")
+    c_ids, c_scores = rank_all([said.get(str(i), "") for i in dev.ids[:len(dev)]], [], [], max(ks), matcher=matcher)
+    if rows is not None:
+        c_ids, c_scores = c_ids[rows], c_scores[rows]
+    cascade_threshold = top1_threshold(c_ids, c_scores)
+    if fused_threshold is None:
+        log("dev has no fused top-1 hit: the transcript as evidence cannot be thresholded")
+        return None
+    picks = {"key": key, "weight": weight, "fused_threshold": fused_threshold,
+             "cascade_threshold": cascade_threshold, "cascade_scorer": scorer, "dev_chunks": len(gold),
+             "dev_mean_recall_by_weight": {str(w): round(float(np.mean(list(v.values()))), 4)
+                                           for w, v in tried.items()},
+             "how": f"on the dev split of {cache.root}: weight by eval's rule (best mean R@{'/'.join(map(str, ks))} "
+                    f"of the fused ranking), thresholds keep {cfg.eval.keep_hits} of dev's top-1 hits"}
+    write_json_atomic(path, picks)
+    rep = run / "eval" / "test" / "report.json"
+    if rep.is_file():
+        try:
+            reported = (json.loads(rep.read_text()).get("fused") or {}).get("weight")
+        except (OSError, json.JSONDecodeError):
+            reported = None
+        if reported is not None and float(reported) != weight:
+            log(f"note: dev picks fusion weight {weight} but {rep} reports {reported} (another checkpoint or "
+                "settings?)")
+    log(f"transcript as evidence, picked on dev ({len(gold)} chunks, {time.perf_counter() - t0:.1f} s): weight "
+        f"{weight}, fused threshold {fused_threshold:.3f}, cascade threshold "
+        f"{'none' if cascade_threshold is None else f'{cascade_threshold:.3f}'}")
+    return picks
 
 
 # ---------------------------------------------------------------- command line
@@ -416,15 +608,21 @@ def pcm_blocks(stream, block_samples: int):
 @click.option("--merge", is_flag=True, help="Instead of windows, list the terms heard (runs of windows "
                                             "won by the same term), with times.")
 @click.option("--threshold", type=float, default=None,
-              help="Score a candidate must reach. [the dev-picked threshold of the run's eval]")
+              help="Score a candidate must reach (with --transcript: the fused score). [the dev-picked "
+                   "threshold of the run's eval; with --transcript the fused one picked on dev]")
+@click.option("--transcript", is_flag=True,
+              help="The transcript as evidence: the backbone's own ASR per window, fuzzy-matched to the glossary, "
+                   "added to the audio scores with the weight picked on dev (as eval's 'ours + transcript'). Each "
+                   "window then also gives its audio-only candidates (audio_candidates) and its transcript.")
 @click.option("--block-ms", type=int, default=100, show_default=True, help="Read size for --audio -.")
-def query_command(run, audio, glossary, alt2main, top_k, merge, threshold, block_ms):
+def query_command(run, audio, glossary, alt2main, top_k, merge, threshold, transcript, block_ms):
     """Slide windows over AUDIO; print each window's glossary candidates (JSON lines), or with --merge the
     terms heard with times."""
     if top_k < 1:
         raise BadInput(f"--top-k {top_k}", fix="give 1 or more")
     err = lambda m: click.echo(m, err=True)  # noqa: E731 (stdout is the JSON lines)
-    r = Retriever.load(run, glossary=glossary, alt2main=alt2main, threshold=threshold, log=err)
+    r = Retriever.load(run, glossary=glossary, alt2main=alt2main, threshold=None if transcript else threshold,
+                       asr=True if transcript else None, fused_threshold=threshold if transcript else None, log=err)
 
     def emit(items):
         for item in items:
@@ -448,5 +646,7 @@ def query_command(run, audio, glossary, alt2main, top_k, merge, threshold, block
         out = r.retrieve(wav, top_k=None if merge else top_k)
         emit(out)
         n = len(windows(len(wav), r.window, r.hop))
+    fused = "" if r.evidence is None else \
+        f", transcript weight {r.evidence.weight} fused threshold {r.evidence.threshold:.3f}"
     err(f"{n} windows in {time.perf_counter() - t0:.1f} s, glossary {len(r.glossary.terms):,} terms, "
-        f"threshold {r.threshold:.3f}")
+        f"threshold {r.threshold:.3f}{fused}")

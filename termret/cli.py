@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": ("stage3_index.cli", "eval_command"),
     "compare": ("stage3_index.cli", "compare_command"),
     "query": ("stage3_index.retriever", "query_command"),
+    "talk": ("stage3_index.talk", "talk_command"),
     "ablation": ("stage3_index.ablation", "ablation_command"),
     "bench": ("bench.run", "bench_command"),
 }
@@ -41,7 +42,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Train term-level speech-to-text retrievers on cached features: prepare and extract (stage 1),
-    train (stage 2), eval, compare, query (stage 3). `termret COMMAND --help` explains each."""
+    train (stage 2), eval, compare, query, talk (stage 3). `termret COMMAND --help` explains each."""
 
 
 def main():

@@ -149,3 +149,70 @@ def test_bad_run_folder_and_bad_glossary_are_named(run, tmp_path):
         R.Retriever.load(run, glossary=bad, backbone=FrameBackbone(), threshold=0.0, log=quiet)
     res = CliRunner().invoke(R.query_command, ["--run", str(tmp_path / "empty"), "--audio", "x.wav"])
     assert res.exit_code != 0 and "no checkpoint" in str(res.exception or res.output)
+
+
+class EchoASR:
+    """Says the same words for every window."""
+
+    def __init__(self, text=""):
+        self.text = text
+
+    def transcribe(self, waves):
+        return [self.text] * len(waves)
+
+
+def _write_transcripts(cache, split, text_of):
+    from shared.manifest import read_chunks
+    chunks = read_chunks(cache.root.parent / "corpus" / f"{split}.jsonl")
+    (cache.root / "transcripts").mkdir(exist_ok=True)
+    (cache.root / "transcripts" / f"{split}.jsonl").write_text(
+        "".join(json.dumps({"id": c.id, "text": text_of(c)}) + "\n" for c in chunks))
+
+
+def test_the_transcript_weight_and_thresholds_are_picked_on_dev_as_eval_picks_them(run):
+    """No dev transcripts: audio only, said. Dev transcripts that name the terms: a weight > 0 (the one eval
+    reports for "ours + transcript"), a fused threshold, and the cascade's threshold 1.0 (every right top-1 is
+    an exact match); transcripts that say nothing: weight 0 (ties go to the smaller)."""
+    from stage3_index.evaluate import evaluate
+    _, ckpt = load_model(run / "best.pt")
+    cache = FeatureCache(ckpt["spec"]["features"])
+    said = []
+    r = R.Retriever.load(run, backbone=FrameBackbone(), asr=EchoASR(), log=said.append)
+    assert r.evidence is None and any("no transcripts" in m for m in said)
+    _write_transcripts(cache, "dev", lambda c: c.term_chunk_text)
+    r = R.Retriever.load(run, backbone=FrameBackbone(), asr=EchoASR("term003"), log=quiet)
+    ev = r.evidence
+    assert ev is not None and ev.weight > 0 and ev.picked["cascade_threshold"] == 1.0
+    assert np.isfinite(ev.threshold) and (run / R.PICKS_FILE).is_file()
+    out = r.retrieve((0.1 * np.random.default_rng(0).standard_normal(16000 * 3)).astype(np.float32), top_k=3)
+    assert all(w["transcript"] == "term003" and "audio_candidates" in w for w in out)
+    _write_transcripts(cache, "test", lambda c: c.term_chunk_text)
+    rep = evaluate(run, "test", log=quiet)
+    assert rep["fused"]["weight"] == ev.weight
+    _write_transcripts(cache, "dev", lambda c: "")
+    r = R.Retriever.load(run, backbone=FrameBackbone(), asr=EchoASR(), log=quiet)
+    assert r.evidence.weight == 0.0 and r.evidence.picked["cascade_threshold"] is None
+
+
+def test_query_transcript_flag_gives_fused_and_audio_only_candidates(run, monkeypatch, tmp_path):
+    import stage1_extract.backbones as bb
+    _, ckpt = load_model(run / "best.pt")
+    cache = FeatureCache(ckpt["spec"]["features"])
+    _write_transcripts(cache, "dev", lambda c: c.term_chunk_text)
+    monkeypatch.setattr(bb, "load_backbone", lambda spec: FrameBackbone())
+    monkeypatch.setattr(R, "backbone_asr", lambda *a, **k: EchoASR("term005"))
+    wav = (0.2 * np.random.default_rng(1).standard_normal(int(16000 * 3.5))).astype(np.float32)
+    sf.write(tmp_path / "talk.wav", wav, 16000)
+    res = CliRunner().invoke(R.query_command, ["--run", str(run), "--audio", str(tmp_path / "talk.wav"),
+                                               "--transcript", "--threshold", "-5", "--top-k", "2"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 3 and all(w["transcript"] == "term005" for w in lines)
+    # --threshold applies to the fused score; the audio-only candidates are the plain query's (own threshold)
+    assert all(len(w["candidates"]) == 2 and "term005" in [c["term"] for c in w["candidates"]] for w in lines)
+    assert "transcript weight" in res.stderr
+    plain = CliRunner().invoke(R.query_command, ["--run", str(run), "--audio", str(tmp_path / "talk.wav"),
+                                                 "--top-k", "2"])
+    plain = [json.loads(x) for x in plain.stdout.splitlines() if x.startswith("{")]
+    assert [w["audio_candidates"] for w in lines] == [w["candidates"] for w in plain]
+    assert all("transcript" not in w for w in plain)

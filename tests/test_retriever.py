@@ -133,3 +133,73 @@ def test_stream_merge_matches_offline_merge():
         wins += stream.push(wav[b:b + 4000])
     wins += stream.flush()
     assert merge_windows(wins) == r.retrieve(wav) and [h["term"] for h in r.retrieve(wav)][0] == "term5"
+
+
+# ---------------------------------------------------------------- the transcript as evidence
+
+class ScriptASR:
+    """An ASR that says the same words for every window, and counts the windows it heard."""
+
+    def __init__(self, text):
+        self.text, self.heard = text, 0
+
+    def transcribe(self, waves):
+        self.heard += len(waves)
+        return [self.text for _ in waves]
+
+
+NATO = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+
+
+def fused_retriever(text, weight=2.0, fused_threshold=0.3, threshold=0.3):
+    """make_retriever's tone bands named by words that share few letters (term5 = foxtrot), with an ASR."""
+    from stage3_index.cascade import CascadeMatcher
+    from stage3_index.retriever import TranscriptEvidence
+    r = make_retriever(threshold)
+    r.glossary = GlossaryIndex(NATO, np.eye(8, dtype=np.float32), np.arange(8), [{"term": t} for t in NATO])
+    asr = ScriptASR(text)
+    r.evidence = TranscriptEvidence(asr, CascadeMatcher(*r.glossary.forms()), weight, fused_threshold)
+    return r, asr
+
+
+def test_a_transcript_naming_a_term_moves_it_up_and_audio_only_is_kept_beside():
+    r, asr = fused_retriever("we deploy it with delta now", threshold=0.5)
+    out = r.retrieve(talk(), top_k=3)
+    assert asr.heard == len(out) and all(w["transcript"] == "we deploy it with delta now" for w in out)
+    during = [w for w in out if w["start"] >= 1.9 and w["end"] <= 4.1]
+    assert during
+    for w in during:
+        assert w["audio_candidates"][0]["term"] == "foxtrot"      # what the audio alone says
+        assert w["candidates"][0]["term"] == "delta"              # the transcript names delta
+        assert "foxtrot" in [c["term"] for c in w["candidates"]]
+    # noise windows: the audio rejects, the transcript's delta passes the fused threshold
+    quiet = [w for w in out if w["end"] < 2.0]
+    assert quiet and all(not w["audio_candidates"] and w["candidates"][0]["term"] == "delta" for w in quiet)
+    # weight 0: the transcript changes nothing
+    r0, _ = fused_retriever("we deploy it with delta now", weight=0.0)
+    for w in r0.retrieve(talk(), top_k=3):
+        assert [c["term"] for c in w["candidates"]] == [c["term"] for c in w["audio_candidates"]]
+
+
+def test_an_empty_transcript_leaves_the_audio_ranking():
+    r, _ = fused_retriever("", weight=1.0)
+    out = r.retrieve(talk(), top_k=3)
+    assert any(w["candidates"] for w in out)
+    for w in out:
+        assert w["candidates"] == w["audio_candidates"]
+
+
+def test_stream_with_the_transcript_equals_offline_and_batches_change_nothing():
+    r, _ = fused_retriever("delta", weight=0.5, fused_threshold=0.6)
+    wav = talk(8.3, seed=3)
+    offline = r.retrieve(wav, top_k=3)
+    for batch in (1, 4):
+        s, got = r.stream(top_k=3, batch=batch, with_id=True), []
+        for b in range(0, len(wav), 7000):
+            got += s.push(wav[b:b + 7000])
+        got += s.flush()
+        assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
+        for a, b in zip(got, offline):
+            assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
+            assert [c["term"] for c in a["audio_candidates"]] == [c["term"] for c in b["audio_candidates"]]
+            assert all(NATO[c["id"]] == c["term"] == c["key"] for c in a["candidates"])
