@@ -180,6 +180,37 @@ class EvalConfig:
 
 
 @dataclass
+class SecondConfig:
+    """The second stage (shared/second_stage.py, stage2_train/second.py): the first stage's top_n rows of a
+    window re-scored by matching each form's tokens to the window's frames, trained on the cache after the
+    first stage (RUN/second.pt). Its fused score is what the accept threshold reads when it is on."""
+    enabled: bool = False
+    top_n: int = 50                            # first-stage rows re-scored per window (query time, dev)
+    train_top_n: int = 20                      # first-stage rows among each train chunk's candidates
+    tokens: str = "phones"                     # "phones" (IPA characters) | "chars" (letters) | "both"
+    match: str = "monotonic"                   # "monotonic" (tokens in order) | "maxsim" (order-free) | "both"
+    dim: int = 128
+    max_tokens: int = 64                       # tokens of a form at most
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    sound_k: int = 0                           # extra train candidates: the k glossary rows nearest to each
+                                               # positive by edit distance of the pronunciation (spelling
+                                               # without phones), besides the first stage's train_top_n
+    distractors: int = 10                      # the first stage's top k distractor names (data.distractors:
+                                               # real names no chunk says) among each train chunk's candidates;
+                                               # the mix is then fitted on dev lists from the glossary padded
+                                               # with all of them. 0 = neither
+    reject: float = 1.0                        # weight of dev's no-term chunks in the mix fit (a "none of them"
+                                               # candidate of score 0 in every list; 0 = off): dev AUROC
+                                               # .984 -> .993, at 10,000 terms .967 -> .984
+    mix_on: str = "dev"                        # where the mix of cosine and matching scores is fitted: "train"
+                                               # (with the encoders, the cosine an input) or "dev" (the encoders
+                                               # learn from matching alone, the mix is fitted on dev after: on
+                                               # train chunks the first stage memorised, the cosine over-explains)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -189,6 +220,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    second: SecondConfig = field(default_factory=SecondConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,7 +264,8 @@ POSITIVE = {"data.noterm_min", "data.noterm_max", "data.max_ngram", "data.pseudo
             "text.bag_dim", "text.ngram_max", "extract.batch_seconds", "extract.text_batch", "extract.shard_size",
             "extract.max_chunk_seconds", "train.epochs", "train.batch_size", "train.lr", "train.proj_dim",
             "train.pool_heads", "train.temperature", "train.hard_refresh", "eval.window", "eval.hop",
-            "extract.asr_every", "eval.min_votes"}
+            "extract.asr_every", "eval.min_votes", "second.top_n", "second.train_top_n", "second.dim",
+            "second.max_tokens", "second.epochs", "second.batch_size", "second.lr"}
 UNIT = {"data.dev_ratio", "data.test_ratio", "text.gram_dropout", "eval.keep_hits", "train.augment_mask"}
 SIGNED = {"data.seed", "train.seed", "train.hard_margin", "train.hard_max_score"}
 

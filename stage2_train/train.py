@@ -48,7 +48,7 @@ def _seed(seed: int) -> None:
 # where things are, stage 1's settings, whose effect on the features the cache fingerprint checks).
 # Every other difference is refused: the resumed run would not be the run that was started.
 FREE_TO_CHANGE = ("eval.", "extract.", "data.", "backbone.", "cache.root", "train.threads", "train.tensorboard",
-                  "train.in_memory", "train.device")
+                  "train.in_memory", "train.device", "second.")    # the second stage trains after the first
 
 
 def free_to_change(key: str) -> bool:
@@ -460,7 +460,11 @@ class Trainer:
 
     def _mark_finished(self) -> None:
         """RUN/finished.json: the mark `make eval` (and anyone scripting runs) checks; this run is done,
-        evaluate it as it is, never train it again."""
+        evaluate it as it is, never train it again. The second stage (`second.enabled`) trains first, on the
+        best checkpoint: a run killed during it is not finished, and a resume trains only it."""
+        if self.cfg.second.enabled:
+            from stage2_train.second import train_for_run
+            train_for_run(self.run, self.cfg, log=self.log)      # no-op when RUN/second.pt exists
         write_json_atomic(self.run / "finished.json", {
             "steps": self.state["step"], "epochs": self.state["epoch"], "best_dev_r5": self.state["best_r5"],
             "checkpoint": "best.pt" if (self.run / "best.pt").is_file() else "last.pt"})
