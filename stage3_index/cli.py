@@ -34,12 +34,14 @@ def cli():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config key, e.g. --set eval.glossary_sizes=1000,10000,100000 (repeatable).")
 @click.option("--quiet", is_flag=True, help="Do not print the markdown table.")
-def eval_command(run, features, split, factory, config_path, overrides, quiet):
+@click.option("--no-second", "no_second", is_flag=True,
+              help="The first stage alone, although the run has a second stage (RUN/second.pt).")
+def eval_command(run, features, split, factory, config_path, overrides, quiet, no_second):
     """Evaluate a run on a split of its feature cache (or of another cache with --features): Recall@K
     seen/unseen, glossary sizes padded with real distractors, rejection, QPS, the cascade baseline."""
     from stage3_index.evaluate import evaluate, report_markdown
     report = evaluate(run, split, features=features, config=config_path, overrides=overrides, factory=factory,
-                      log=click.echo)
+                      second=not no_second, log=click.echo)
     if not quiet:
         click.echo(report_markdown(report, Path(run).name))
     click.echo(f"report: {report['out']}/report.json")

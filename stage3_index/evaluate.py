@@ -230,13 +230,23 @@ def _num(x):
 
 
 def dev_threshold(model, cache: FeatureCache, keep_hits: float, factory: str = "Flat", k: int = 10,
-                  gloss=None, index=None, log=print) -> float | None:
+                  gloss=None, index=None, log=print, reranker=None) -> float | None:
     """The score that keeps `keep_hits` of the top-1 hits of the dev split of `cache` (the run's own);
-    None, with a message, when there is no dev split or no dev top-1 hit."""
+    None, with a message, when there is no dev split or no dev top-1 hit. With `reranker` (a second stage),
+    on its fused scores of dev's re-ranked candidates (second_eval.dev_threshold_of): the scores the
+    threshold then reads. Eval and the retriever both pick it here."""
     if "audio/dev" not in cache.tables:
         log("the run's cache has no dev split: no rejection threshold (it is never picked on the evaluated split)")
         return None
     vecs, owner = gloss if gloss is not None else embed_glossary(model, cache)
+    if reranker is not None:
+        from stage3_index.second_eval import dev_threshold_of, second_ranking, split_view
+        view = split_view(model, cache, cache, "dev", max(3 * k, reranker.top_n), 0, reranker,
+                          (vecs, np.asarray(owner, dtype=np.int64)), log=log)
+        t = dev_threshold_of(view, *second_ranking(view, reranker), keep_hits, k)
+        if t is None:
+            log("dev has no top-1 hit: no rejection threshold (it is never picked on the evaluated split)")
+        return t
     if index is None:
         index, _ = build_or_flat(vecs, factory, log)
     dev = SplitData(cache, "dev")
@@ -261,8 +271,13 @@ def distractor_rows(split_terms, owner: np.ndarray, n_terms: int, n_dist: int, s
     return rows, n_pad
 
 
-def by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs, sizes, factory, ks, log):
-    """{real size: {"recall": {K: ...}, "qps": ..., "distractors": n, "index": kind}}."""
+def by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs, sizes, factory, ks, log,
+                     second=None):
+    """{real size: {"recall": {K: ...}, "qps": ..., "distractors": n, "index": kind}}.
+
+    second: (reranker, window frames, the glossary rows' forms, the distractors' forms) to rank with the
+    second stage (its fused order gives "recall", qps counts the re-scoring too); the first stage's own
+    recall is kept under "first_stage"."""
     out = {}
     k = max(ks)
     for size in sorted(set(int(s) for s in sizes)):
@@ -276,11 +291,30 @@ def by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs, 
         sub = np.concatenate([vecs[rows], dist_vecs[:n_pad]]).astype(np.float32)
         sub_owner = np.concatenate([owner[rows], n_terms + np.arange(n_pad, dtype=np.int64)])
         index, kind = build_or_flat(sub, factory, log)
-        ids, _, secs = rank_terms(index, len(sub), sub_owner, audio, k)
+        first = None
+        if second is None:
+            ids, _, secs = rank_terms(index, len(sub), sub_owner, audio, k)
+        else:
+            from stage3_index.second_eval import rescored
+            rr, frames, forms, dist_forms = second
+            shallow = max(1, min(3 * k, len(sub)))       # what rank_terms searches: the first stage alone
+            s, r, secs = search_blocks(index, audio, max(shallow, min(rr.top_n, len(sub))))
+            first, _ = rows_to_terms(r[:, :shallow], s[:, :shallow], sub_owner, k)
+            sub_forms = {f: [forms[f][i] for i in rows] + list(dist_forms[f][:n_pad])
+                         for f in ("spell", "phones") if forms.get(f) is not None and dist_forms.get(f) is not None}
+            t0 = time.perf_counter()
+            ids, _ = rows_to_terms(*rescored(rr, frames, r, s, rr.token_table(sub_forms)), sub_owner, k)
+            secs += time.perf_counter() - t0
         _, _, h = query_hits(ids, gold, ks)
-        out[str(real)] = {"recall": {str(kk): (float(h[:, i].mean()) if len(h) else None) for i, kk in enumerate(ks)},
-                          "qps": float(len(audio) / max(secs, 1e-9)), "distractors": n_pad, "index": kind}
+        out[str(real)] = {"recall": _recall_of(h, ks), "qps": float(len(audio) / max(secs, 1e-9)),
+                          "distractors": n_pad, "index": kind}
+        if first is not None:
+            out[str(real)]["first_stage"] = {"recall": _recall_of(query_hits(first, gold, ks)[2], ks)}
     return out
+
+
+def _recall_of(h: np.ndarray, ks) -> dict:
+    return {str(kk): (float(h[:, i].mean()) if len(h) else None) for i, kk in enumerate(ks)}
 
 
 # ---------------------------------------------------------------- the cascade baseline
@@ -410,6 +444,8 @@ def cascade_baseline(cache: FeatureCache, split: str, data: SplitData, seen_term
 # ---------------------------------------------------------------- ours + transcript
 
 FUSION_DEPTH = 30        # our candidates per chunk for fusion (the cascade adds its top 10)
+FUSED_FIRST_NOTE = ("'ours + transcript' fuses the transcript with the first stage's cosines, not the second stage's "
+                    "ranking: fusion adds cosines of the cascade's own candidates, on another scale than fused scores")
 DEV_FUSED_NOTE = ("dev is where the fusion weight is picked: 'ours + transcript' is not reported on dev itself "
                   "(evaluate test)")
 
@@ -495,15 +531,33 @@ class EvalInputs:
     factory: str
     ks: list[int]
     out: Path
+    reranker: object = None       # the run's second stage (RUN/second.pt) when it ranks; None = first stage only
+
+
+def second_off(overrides) -> bool:
+    """An explicit `--set second.enabled=false`: evaluate the first stage alone although the run has a second
+    stage (the run's saved config says nothing here: a second stage added later by stage2_train.second does
+    not rewrite it)."""
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for o in overrides or ():
+        key, _, val = str(o).partition("=")
+        if key.strip() == "second.enabled" and val.strip().lower() in ("false", "0", "no", "off"):
+            return True
+    return False
 
 
 def eval_inputs(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
-                config: str | Path | None = None, overrides=(), factory: str | None = None) -> EvalInputs:
+                config: str | Path | None = None, overrides=(), factory: str | None = None,
+                second: bool = True) -> EvalInputs:
     """Load the run and pick the cache and split: the run's own cache (report in RUN/eval/SPLIT/) or
-    `features`, another corpus made with the same backbone (RUN/eval/CACHENAME.SPLIT/)."""
+    `features`, another corpus made with the same backbone (RUN/eval/CACHENAME.SPLIT/). The run's second
+    stage ranks when it has one, unless `second` is False or `--set second.enabled=false`."""
     run = Path(run)
     model, _, run_cfg, own, ckpt_path = load_run(run)
     cfg = eval_config(run_cfg, config, overrides)
+    from shared.second_stage import Reranker
+    reranker = Reranker.load(run) if second and not second_off(overrides) else None
     split = split or cfg.eval.split
     if features is not None and Path(features).resolve() != own.root.resolve():
         cache = FeatureCache(features)
@@ -517,15 +571,18 @@ def eval_inputs(run: str | Path, split: str | None = None, *, features: str | Pa
         raise BadInput(f"the cache has no split {split!r} (it has: {', '.join(have)})", file=cache.root,
                        fix="choose one of those with --split")
     return EvalInputs(run, model, ckpt_path, run_cfg, cfg, own, cache, split, factory or cfg.eval.index,
-                      sorted(set(int(k) for k in cfg.eval.ks)), out)
+                      sorted(set(int(k) for k in cfg.eval.ks)), out, reranker)
 
 
 def evaluate(run: str | Path, split: str | None = None, *, features: str | Path | None = None,
-             config: str | Path | None = None, overrides=(), factory: str | None = None, log=print) -> dict:
+             config: str | Path | None = None, overrides=(), factory: str | None = None, second: bool = True,
+             log=print) -> dict:
     """Write the report of `run` on `split` (default eval.split) of its own feature cache, or of the
-    cache `features`, to RUN/eval/SPLIT/ or RUN/eval/CACHENAME.SPLIT/; return it (with details)."""
+    cache `features`, to RUN/eval/SPLIT/ or RUN/eval/CACHENAME.SPLIT/; return it (with details).
+    second: rank with the run's second stage when it has one (False: the first stage alone)."""
     t_start = time.time()
-    e = eval_inputs(run, split, features=features, config=config, overrides=overrides, factory=factory)
+    e = eval_inputs(run, split, features=features, config=config, overrides=overrides, factory=factory,
+                    second=second)
     e.out.mkdir(parents=True, exist_ok=True)
     report, details, term_scores, noterm_scores = compute_report(e, log)
     full = {**report, **details}
@@ -577,12 +634,29 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
 
     data = SplitData(cache, split)
     gold = data.terms[:len(data)]
-    audio = embed(model.audio, data.audio.items(range(len(data))))
+    items = data.audio.items(range(len(data)))
+    audio = embed(model.audio, items)
     k = max(ks)
     ids, scores, search_s = rank_terms(index, len(vecs), owner, audio, k)
+    rr, first_r, second = e.reranker, None, None
+    if rr is not None:
+        # the second stage ranks: the first stage's top_n rows of each chunk re-scored (second_eval.rescored);
+        # the first stage's own figures are kept beside (report["first_stage"])
+        from shared.second_stage import tower_frames
+        from stage3_index.second_eval import _forms, rescored
+        first_r, first_s = score_ranking(ids, scores, gold, seen_term, ks), search_s
+        frames = tower_frames(model.audio, items)
+        forms = _forms(cache, "glossary")
+        s, rws, search_s = search_blocks(index, audio, max(1, min(max(3 * k, rr.top_n), len(vecs))))
+        t0 = time.perf_counter()
+        ids, scores = rows_to_terms(*rescored(rr, frames, rws, s, rr.token_table(forms)), owner, k)
+        search_s += time.perf_counter() - t0
+        second = [rr, frames, forms, None]
+    del items
     r = score_ranking(ids, scores, gold, seen_term, ks)
 
     # threshold: on the run's own dev only
+    first_threshold = None
     if cache is own and split == "dev":
         threshold = None
         note = "dev is where the threshold is picked: it is not reported on dev itself (evaluate test)"
@@ -590,16 +664,18 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
     else:
         notes = []
         same = cache is own
-        threshold = dev_threshold(model, own, keep_hits, factory, k, gloss=(vecs, owner) if same else None,
-                                  index=index if same else None, log=notes.append)
-        note = notes[-1] if notes else "picked on the dev split of the run's own cache"
+        own_gloss = (vecs, owner) if same else embed_glossary(model, own)
+        threshold = dev_threshold(model, own, keep_hits, factory, k, gloss=own_gloss, index=index if same else None,
+                                  log=notes.append, reranker=rr)
+        note = notes[-1] if notes else "picked on the dev split of the run's own cache" + \
+            (" (the second stage's fused scores)" if rr is not None else "")
         for n in notes:
             log(n)
+        if rr is not None:
+            first_threshold = dev_threshold(model, own, keep_hits, factory, k, gloss=own_gloss,
+                                            index=index if same else None, log=lambda *_: None)
+    rej = rejection_of(r, threshold)
     max_score, term_chunk = r["_max"], r["_term_chunk"]
-    rej = {"auroc": r["auroc"], "auroc_top1_correct": r["auroc_top1_correct"], "threshold": threshold,
-           "far": None if threshold is None else _num(false_alarm_rate(max_score[~term_chunk], threshold)),
-           "recall_at_threshold": None if threshold is None else
-           _num(recall_at_threshold(r["_hits"][:, 0], max_score[r["_chunk"]], threshold))}
 
     split_terms = sorted({t for ts in gold for t in ts})
     dist_texts: list[str] = []
@@ -617,8 +693,12 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
         log(f"distractors: {int(ok.sum())} of {len(dist_texts)} kept ({dropped['glossary']} clash with a glossary "
             f"form, {dropped['spoken']} more are spoken in the corpus)")
         dist_vecs, dist_texts = dist_vecs[ok], [t for t, o in zip(dist_texts, ok) if o]
+        if second is not None:
+            from stage3_index.second_eval import _forms
+            dforms = _forms(dist_cache, "distractors")
+            second[3] = {f: (None if v is None else [t for t, o in zip(v, ok) if o]) for f, v in dforms.items()}
         by_size = by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs,
-                                   cfg.eval.glossary_sizes, factory, ks, log)
+                                   cfg.eval.glossary_sizes, factory, ks, log, second=second)
     else:
         by_size = {}
         log("the cache has no distractors: no glossary-size rows; add them with `python -m stage1_extract "
@@ -629,12 +709,20 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
     fused = fused_report(model, own, cache, split, data, audio, index, vecs, owner, seen_term, ks,
                          cfg.eval.fusion_weights, log) if baseline is not None and cfg.eval.fusion_weights else None
     fused_note = DEV_FUSED_NOTE if cache is own and split == "dev" and baseline is not None else None
+    if fused is not None and rr is not None:
+        fused_note = FUSED_FIRST_NOTE
 
     report = {"recall": r["recall"], "recall_seen": r["recall_seen"], "recall_unseen": r["recall_unseen"],
               "recall_unseen_strict": r["recall_unseen_strict"],
               "by_glossary_size": by_size, "rejection": rej, "queries": int(len(r["_term"])),
               "glossary_size": int(n_terms), "qps": float(len(audio) / max(search_s, 1e-9)), "baseline": baseline,
-              "fused": fused}
+              "fused": fused, "second_stage": rr is not None,
+              "first_stage": None if first_r is None else {
+                  "recall": first_r["recall"], "recall_seen": first_r["recall_seen"],
+                  "recall_unseen": first_r["recall_unseen"], "recall_unseen_strict": first_r["recall_unseen_strict"],
+                  "rejection": rejection_of(first_r, first_threshold),
+                  "by_glossary_size": {size: row["first_stage"] for size, row in by_size.items()},
+                  "qps": float(len(audio) / max(first_s, 1e-9))}}
     details = {"index": kind, "index_build_seconds": round(build_seconds, 4), "split": split,
                "features": str(cache.root), "own_cache": cache is own, "glossary_rows": int(len(vecs)),
                "seen_queries": int(r["_seen"].sum()), "unseen_queries": int((~r["_seen"]).sum()),
@@ -644,8 +732,18 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
                "split_terms": len(split_terms), "threshold_note": note, "fused_note": fused_note,
                "keep_hits": keep_hits,
                "distractors": len(dist_texts), "distractors_dropped": dropped, "train_limit": run_cfg.train.limit,
-               "checkpoint": e.ckpt_path.name, "checkpoint_sha256": file_sha256(e.ckpt_path)}
+               "checkpoint": e.ckpt_path.name, "checkpoint_sha256": file_sha256(e.ckpt_path),
+               "second_stage_sha256": None if rr is None else file_sha256(e.run / "second.pt")}
     return report, details, max_score[term_chunk], max_score[~term_chunk]
+
+
+def rejection_of(r: dict, threshold) -> dict:
+    """AUROCs of a ranking's top-1 scores (score_ranking's `r`), and its FAR and recall@1 at `threshold`."""
+    max_score, term_chunk = r["_max"], r["_term_chunk"]
+    return {"auroc": r["auroc"], "auroc_top1_correct": r["auroc_top1_correct"], "threshold": threshold,
+            "far": None if threshold is None else _num(false_alarm_rate(max_score[~term_chunk], threshold)),
+            "recall_at_threshold": None if threshold is None else
+            _num(recall_at_threshold(r["_hits"][:, 0], max_score[r["_chunk"]], threshold))}
 
 
 def _f(x):
@@ -664,7 +762,9 @@ def report_markdown(r: dict, name: str = "") -> str:
     ks = list(r["recall"])
     where = r["split"] if r.get("own_cache", True) else f"{Path(r['features']).name}.{r['split']}"
     b = r.get("baseline")
-    lines = [f"## {name} ({where}: {r['queries']} queries, glossary {r['glossary_size']}, index {r['index']})", "",
+    stage = ", second stage" if r.get("second_stage") else ""
+    lines = [f"## {name} ({where}: {r['queries']} queries, glossary {r['glossary_size']}, index {r['index']}{stage})",
+             "",
              "| | " + " | ".join(f"R@{k}" for k in ks) + " | queries |", "|---" * (len(ks) + 2) + "|",
              "| all | " + " | ".join(_fmt(r["recall"][k]) for k in ks) + f" | {r['queries']} |",
              "| seen terms | " + " | ".join(_fmt(r["recall_seen"][k]) for k in ks) + f" | {r['seen_queries']} |",
@@ -683,6 +783,11 @@ def report_markdown(r: dict, name: str = "") -> str:
             lines += ["| ours on the cascade's chunks: all | " + " | ".join(_fmt(same["recall"][k]) for k in ks)
                       + f" | {bq} |", "| ours on the cascade's chunks: unseen terms | "
                       + " | ".join(_fmt(same["recall_unseen"][k]) for k in ks) + " | |"]
+    fs = r.get("first_stage")
+    if fs:
+        lines += ["| first stage alone: all | " + " | ".join(_fmt(fs["recall"][k]) for k in ks) + f" | {r['queries']} |",
+                  "| first stage alone: unseen terms | " + " | ".join(_fmt(fs["recall_unseen"][k]) for k in ks)
+                  + " | |"]
     fz = r.get("fused")
     if fz:
         lines += [f"| ours + transcript (weight {fz['weight']} from dev): all | "
@@ -691,6 +796,9 @@ def report_markdown(r: dict, name: str = "") -> str:
     for size, row in r["by_glossary_size"].items():
         lines.append(f"| glossary {size} ({row['distractors']} distractors) | "
                      + " | ".join(_fmt(row["recall"][k]) for k in ks) + f" | {row['qps']:.0f} q/s |")
+        if row.get("first_stage"):
+            lines.append(f"| first stage alone, glossary {size} | "
+                         + " | ".join(_fmt(row["first_stage"]["recall"][k]) for k in ks) + " | |")
         brow = (b or {}).get("by_glossary_size", {}).get(size)
         if brow:
             lines.append(f"| cascade, glossary {size} | " + " | ".join(_fmt(brow["recall"][k]) for k in ks)
@@ -701,13 +809,18 @@ def report_markdown(r: dict, name: str = "") -> str:
               f"| ours: {r['term_chunks']} term / {r['noterm_chunks']} no-term chunks | {_fmt(j['auroc'])} | "
               f"{_fmt(j['auroc_top1_correct'])} | {_fmt(j['threshold'])} | {_fmt(j['far'])} | "
               f"{_fmt(j['recall_at_threshold'])} | {r['qps']:.0f} |"]
+    if fs:
+        fj = fs["rejection"]
+        lines.append(f"| first stage alone | {_fmt(fj['auroc'])} | {_fmt(fj['auroc_top1_correct'])} | "
+                     f"{_fmt(fj['threshold'])} | {_fmt(fj['far'])} | {_fmt(fj['recall_at_threshold'])} | "
+                     f"{fs['qps']:.0f} |")
     if b:
         lines.append(f"| cascade (top-1 fuzzy score) | {_fmt(b['auroc'])} | {_fmt(b.get('auroc_top1_correct'))} "
                      f"| | | | {b['qps']:.0f} |")
     if j["threshold"] is None:
         lines += ["", f"No threshold: {r.get('threshold_note', '')}"]
     if r.get("fused_note"):
-        lines += ["", f"No 'ours + transcript': {r['fused_note']}"]
+        lines += ["", ("Note: " if r.get("fused") else "No 'ours + transcript': ") + r["fused_note"]]
     if r.get("own_cache", True) and r["split"] == "dev":
         lines += ["", "Dev also chose this run's checkpoint (early stopping on dev R@5): its figures are not "
                   "held out; report test."]

@@ -18,6 +18,11 @@ added to the audio scores exactly as eval's "ours + transcript" does (stage3_ind
 weight eval's rule picks on the run's dev split, and a candidate must reach a fused threshold picked on
 dev by the same rule as the audio one (`dev_picks`, cached in RUN/transcript_picks.json). Each window
 then also carries its audio-only candidates and its transcript, so both are always reported.
+
+The second stage (shared/second_stage.py), when the run has one (RUN/second.pt; `load(second=False)` to go
+without): each window's first-stage top_n rows are re-scored from the tap frames the window's vector
+pooled, and the threshold (picked on dev's fused scores, evaluate.dev_threshold) reads the fused scores.
+The transcript as evidence still fuses with the first stage's cosines (as eval's "ours + transcript").
 """
 from __future__ import annotations
 
@@ -137,12 +142,14 @@ def glossary_rows(gloss: Glossary, text_field: str) -> tuple[list[str], list[str
 
 
 def embed_glossary_file(model: RetrievalModel, gloss: Glossary, text_field: str, g2p: str, *,
-                        text_features=None, log=print) -> tuple[np.ndarray, np.ndarray]:
+                        text_features=None, forms_out: dict | None = None, log=print) -> tuple[np.ndarray, np.ndarray]:
     """(vectors (R, P), owner (R,)) of a glossary the run never saw, through the run's text side.
 
     Blocks of EMBED_BLOCK rows: forms (spelling, eSpeak phones), n-gram ids and, when the text side has an
     LM part, `text_features(texts)` (the backbone's text tap) of the block's main terms only, so 10^6
-    terms never hold all their LM states at once."""
+    terms never hold all their LM states at once. `forms_out` ({}): filled with every row's forms
+    ({"spell": [...], "phones": [...]}, phones by `g2p`), those the text side read: a second stage's token
+    table is made from them without phonemizing the glossary twice."""
     from tqdm import tqdm
     spec = side_spec(model.text)
     uses_lm = "lm" in spec["text_encoders"]
@@ -151,14 +158,21 @@ def embed_glossary_file(model: RetrievalModel, gloss: Glossary, text_field: str,
     texts, forms, owner = glossary_rows(gloss, text_field)
     vecs = np.zeros((len(forms), model.text.proj_dim), dtype=np.float32)
     t0 = time.perf_counter()
-    g2p_kind = g2p if any(e == "phones" for e in spec["text_encoders"]) else "none"
+    g2p_kind = g2p if any(e == "phones" for e in spec["text_encoders"]) or forms_out is not None else "none"
+    if forms_out is not None:
+        forms_out.update(spell=[], phones=[] if g2p_kind != "none" else None)
     with tqdm(total=len(forms), desc="glossary", unit="row", disable=log is None, leave=False) as bar:
         for b in range(0, len(forms), EMBED_BLOCK):
             rows = np.arange(b, min(b + EMBED_BLOCK, len(forms)))
             grams = None
-            if model.text.uses_forms:
-                grams = form_grams(forms_of([forms[r] for r in rows], g2p_kind), spec["text_encoders"],
-                                   spec["buckets"], spec["ngram"])
+            if model.text.uses_forms or forms_out is not None:
+                block = forms_of([forms[r] for r in rows], g2p_kind)
+                if forms_out is not None:
+                    forms_out["spell"] += block["spell"]
+                    if forms_out["phones"] is not None:
+                        forms_out["phones"] += block["phones"]
+                if model.text.uses_forms:
+                    grams = form_grams(block, spec["text_encoders"], spec["buckets"], spec["ngram"])
             lm, lm_index = None, np.zeros(len(rows), dtype=np.int64)
             if uses_lm:
                 mains, lm_index = np.unique(owner[rows], return_inverse=True)
@@ -241,18 +255,24 @@ class Retriever:
     evidence: TranscriptEvidence | None = None       # the transcript as evidence; None = audio only
     config: Config | None = None                     # the run's saved config (load sets it)
     features: Path | None = None                     # the run's own feature cache (load sets it)
+    reranker: object = None                          # the run's second stage (shared/second_stage.Reranker)
+    token_table: dict | None = None                  # its token ids of the searched glossary's rows
 
     @classmethod
     def load(cls, run: str | Path, *, glossary: str | Path | None = None, alt2main: str | Path | None = None,
              backbone=None, threshold: float | None = None, asr=None, fused_threshold: float | None = None,
-             log=print) -> "Retriever":
+             second: bool = True, log=print) -> "Retriever":
         """The run's model and backbone; `glossary` (any format `prepare` reads, with its `alt2main`) is
         searched instead of the run's own, embedded once and cached in RUN/glossaries/.
 
         asr: None/False = audio only; True = the backbone's own ASR (`backbone_asr`); or any object with
         `.transcribe(waves) -> texts`. The transcript is then fused with dev's weight and thresholded at
         dev's fused threshold (`fused_threshold` to change it); when the run's dev split has no cached
-        transcripts nothing can be picked: it says so and stays audio only."""
+        transcripts nothing can be picked: it says so and stays audio only.
+
+        second: when the run has a second stage (RUN/second.pt), each window's first-stage top_n rows are
+        re-scored by it and the threshold (picked on dev's fused scores) reads its scores; False = the first
+        stage alone."""
         run = Path(run)
         ckpt_path = checkpoint_path(run)
         model, ckpt = load_model(ckpt_path)
@@ -262,12 +282,19 @@ class Retriever:
         if backbone is None:
             from stage1_extract.backbones import load_backbone
             backbone = load_backbone(_backbone_spec(cfg, features))
+        from shared.second_stage import Reranker
+        reranker = Reranker.load(run) if second else None
+        forms = None
         if glossary is None:
             index = _run_glossary(model, FeatureCache(features), cfg)
+            if reranker is not None:
+                from stage3_index.second_eval import _forms
+                forms = _forms(FeatureCache(features), "glossary")
         else:
-            index = _file_glossary(run, ckpt_path, model, cfg, glossary, alt2main, backbone, log)
+            index, forms = _file_glossary(run, ckpt_path, model, cfg, glossary, alt2main, backbone, log,
+                                          forms=reranker is not None)
         if threshold is None:
-            threshold = _threshold_of(run, model, FeatureCache(features), cfg.eval.keep_hits)
+            threshold = _threshold_of(run, model, FeatureCache(features), cfg.eval.keep_hits, reranker)
         evidence = None
         if asr is not None and asr is not False:
             picks = dev_picks(run, model, FeatureCache(features), cfg, log=log)
@@ -281,15 +308,37 @@ class Retriever:
                     asr_model, CascadeMatcher(*index.forms()), picks["weight"],
                     picks["fused_threshold"] if fused_threshold is None else float(fused_threshold), picks)
         return cls(backbone, model, index, threshold, cfg.eval.window, cfg.eval.hop, cfg.eval.min_votes,
-                   evidence, cfg, Path(features))
+                   evidence, cfg, Path(features), reranker,
+                   None if reranker is None else reranker.token_table(forms))
 
     # ---- scoring
 
     def window_vectors(self, waves: list[np.ndarray]) -> np.ndarray:
         """(W, P) audio-side vectors of windows."""
+        return self._window_taps(waves)[0]
+
+    def _window_taps(self, waves: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """(W, P) audio-side vectors of windows and the backbone's tap states they pool (the second stage's
+        frames are read from these)."""
         if not waves:
-            return np.zeros((0, self.model.audio.proj_dim), dtype=np.float32)
-        return embed(self.model.audio, self.backbone.audio_features(waves))
+            return np.zeros((0, self.model.audio.proj_dim), dtype=np.float32), []
+        items = self.backbone.audio_features(waves)
+        return embed(self.model.audio, items), items
+
+    def rank(self, vecs: np.ndarray, items: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(term ids (W, k) -1 padded, scores (W, k)) per window: the first stage's search, or with a second
+        stage its top_n rows re-scored and re-ordered (the fused scores the threshold reads)."""
+        if self.reranker is None or not len(vecs):
+            return self.glossary.search(vecs, k)
+        from shared.second_stage import tower_frames
+        from shared.termside import rows_to_terms
+        from stage3_index.evaluate import search_blocks
+        from stage3_index.second_eval import rescored
+        n_rows = len(self.glossary.owner)
+        first, rows, _ = search_blocks(self.glossary.index, vecs,
+                                       max(1, min(max(SEARCH_DEPTH * k, self.reranker.top_n), n_rows)))
+        rows, scores = rescored(self.reranker, tower_frames(self.model.audio, items), rows, first, self.token_table)
+        return rows_to_terms(rows, scores, self.glossary.owner, k)
 
     def _candidates(self, ids, scores, threshold: float, with_id: bool) -> list[dict]:
         return [self.glossary.candidate(int(t), sc, with_id) for t, sc in zip(ids, scores)
@@ -310,8 +359,8 @@ class Retriever:
                  with_id: bool = False) -> list[dict]:
         """Per window: times and the candidates over the threshold, best first; with the transcript as
         evidence, the fused candidates, the audio-only ones beside them and the transcript."""
-        vecs = self.window_vectors(waves)
-        ids, scores = self.glossary.search(vecs, top_k)
+        vecs, items = self._window_taps(waves)
+        ids, scores = self.rank(vecs, items, top_k)
         out = [{"start": round(s / SAMPLE_RATE, 3), "end": round(e / SAMPLE_RATE, 3),
                 "candidates": self._candidates(i, sc, self.threshold, with_id)}
                for (s, e), i, sc in zip(spans, ids, scores)]
@@ -432,9 +481,12 @@ def _run_glossary(model, cache: FeatureCache, cfg: Config) -> GlossaryIndex:
                          aliases=dict(g.get("aliases", {})))
 
 
-def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2main, backbone, log) -> GlossaryIndex:
+def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2main, backbone, log,
+                   forms: bool = False) -> tuple[GlossaryIndex, dict | None]:
     """A glossary file through the run's text side, cached in RUN/glossaries/ (sha256 of the glossary
-    and alias files + the checkpoint's): the second load of the same talk glossary is instant."""
+    and alias files + the checkpoint's): the second load of the same talk glossary is instant. With
+    `forms`, also its rows' forms (spelling, phones: what a second stage's token table reads), cached
+    beside the vectors (KEY.forms.json: phonemizing 10^5 rows takes a while)."""
     gloss = load_glossary(path, alt2main or None, log=log)
     key = f"{file_sha256(path, alt2main)[:16]}-{file_sha256(ckpt_path)[:12]}-{cfg.data.text_field}"
     cached = run / "glossaries" / f"{key}.npz"
@@ -448,8 +500,11 @@ def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2mai
     if vecs is None or len(owner) != len(glossary_rows(gloss, cfg.data.text_field)[2]):
         text_features = getattr(backbone, "text_features", None) if "lm" in side_spec(model.text)["text_encoders"] \
             else None
+        made = {} if forms else None
         vecs, owner = embed_glossary_file(model, gloss, cfg.data.text_field, cfg.text.g2p,
-                                          text_features=text_features, log=log)
+                                          text_features=text_features, forms_out=made, log=log)
+        if made is not None:
+            write_json_atomic(cached.with_suffix(".forms.json"), made)
         with atomic_path(cached) as tmp:
             np.savez(tmp, vectors=vecs, owner=owner)
         write_json_atomic(cached.with_suffix(".json"), {
@@ -457,20 +512,34 @@ def _file_glossary(run: Path, ckpt_path: Path, model, cfg: Config, path, alt2mai
             "checkpoint": str(ckpt_path.resolve()), "terms": len(gloss), "rows": len(owner)})
     elif log:
         log(f"glossary {path}: {len(gloss):,} terms, embeddings reused from {cached}")
+    row_forms = None
+    if forms:
+        fpath = cached.with_suffix(".forms.json")
+        try:
+            row_forms = json.loads(fpath.read_text(encoding="utf-8"))
+            if len(row_forms["spell"]) != len(owner):
+                row_forms = None
+        except (OSError, ValueError, KeyError):
+            row_forms = None
+        if row_forms is None:
+            row_forms = forms_of(glossary_rows(gloss, cfg.data.text_field)[1], cfg.text.g2p)
+            write_json_atomic(fpath, row_forms)
     terms = [gloss.entries[k].get("term") or k for k in gloss.keys]
     return GlossaryIndex(terms, vecs, owner, [gloss.entries[k] for k in gloss.keys], cfg.eval.index,
-                         keys=list(gloss.keys), aliases=dict(gloss.aliases))
+                         keys=list(gloss.keys), aliases=dict(gloss.aliases)), row_forms
 
 
-def _threshold_of(run: Path, model, cache, keep_hits: float) -> float:
-    """The dev-picked threshold from the run's report, or picked now on dev."""
+def _threshold_of(run: Path, model, cache, keep_hits: float, reranker=None) -> float:
+    """The dev-picked threshold from the run's report (when that report ranked with the same stage: the
+    second stage's fused scores or the first stage's cosines), or picked now on dev by eval's rule."""
     rep = run / "eval" / "test" / "report.json"
     if rep.is_file():
-        t = json.loads(rep.read_text())["rejection"]["threshold"]
-        if t is not None:
+        got = json.loads(rep.read_text())
+        t = got["rejection"]["threshold"]
+        if t is not None and bool(got.get("second_stage", False)) == (reranker is not None):
             return float(t)
     from stage3_index.evaluate import dev_threshold
-    t = dev_threshold(model, cache, keep_hits, "Flat", log=lambda *_: None)
+    t = dev_threshold(model, cache, keep_hits, "Flat", log=lambda *_: None, reranker=reranker)
     return 0.0 if t is None else t
 
 

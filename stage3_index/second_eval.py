@@ -104,18 +104,24 @@ def split_view(model, own: FeatureCache, cache: FeatureCache, split: str, depth:
                      lambda t: 0 <= t < len(keys) and keys[t] in train_keys)
 
 
+def rescored(reranker: Reranker, frames: list, rows: np.ndarray, first: np.ndarray, table: dict,
+             n: int | None = None, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) per window: the first stage's top n rows (of `rows`/`first`, best first) re-scored by
+    the second stage and re-ordered, then its deeper rows (scored -inf, below every re-scored one: for R@K
+    with K above what n rows give). The one ranking of the second stage: eval, second_eval, the retriever."""
+    n = min(n or reranker.top_n, rows.shape[1])
+    fused = np.concatenate([reranker.rescore(frames[b:b + batch], rows[b:b + batch, :n], first[b:b + batch, :n],
+                                             table) for b in range(0, len(rows), batch)]) if len(rows) else \
+        np.zeros((0, n), np.float32)
+    top, scores = rerank(rows[:, :n], fused)
+    rest = rows[:, n:]
+    return np.concatenate([top, rest], 1), np.concatenate([scores, np.full(rest.shape, -np.inf, np.float32)], 1)
+
+
 def second_ranking(view: SplitView, reranker: Reranker, n: int | None = None, batch: int = 256
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores) per chunk: the first stage's top n rows re-scored and re-ordered, then its deeper rows
-    (below every re-scored one: for R@K with K above what n rows give)."""
-    n = min(n or reranker.top_n, view.rows.shape[1])
-    fused = np.concatenate([reranker.rescore(view.frames[b:b + batch], view.rows[b:b + batch, :n],
-                                             view.first[b:b + batch, :n], view.table)
-                            for b in range(0, len(view.rows), batch)]) if len(view.rows) else \
-        np.zeros((0, n), np.float32)
-    rows, scores = rerank(view.rows[:, :n], fused)
-    rest = view.rows[:, n:]
-    return np.concatenate([rows, rest], 1), np.concatenate([scores, np.full(rest.shape, -np.inf, np.float32)], 1)
+    """`rescored` on a split's view."""
+    return rescored(reranker, view.frames, view.rows, view.first, view.table, n, batch)
 
 
 def ranked_terms(view: SplitView, rows: np.ndarray, scores: np.ndarray, k: int):

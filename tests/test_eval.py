@@ -30,7 +30,8 @@ def test_report_has_the_promised_keys_and_sane_values(runs):
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/test/report.json").read_text())
     assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "by_glossary_size",
-                            "rejection", "queries", "glossary_size", "qps", "baseline", "fused"}
+                            "rejection", "queries", "glossary_size", "qps", "baseline", "fused",
+                            "second_stage", "first_stage"}
     assert json.loads(json.dumps({k: rep[k] for k in on_disk})) == on_disk
     assert set(rep["recall"]) == {"1", "5", "10"}
     assert set(rep["rejection"]) >= {"auroc", "auroc_top1_correct", "threshold", "far", "recall_at_threshold"}

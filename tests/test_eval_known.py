@@ -146,8 +146,10 @@ def test_the_whole_report_has_the_known_figures(own):
     rep = evaluate(run, log=quiet)
     on_disk = json.loads((run / "eval/test/report.json").read_text())
     assert set(on_disk) == {"recall", "recall_seen", "recall_unseen", "recall_unseen_strict", "by_glossary_size",
-                            "rejection", "queries", "glossary_size", "qps", "baseline", "fused"}
+                            "rejection", "queries", "glossary_size", "qps", "baseline", "fused",
+                            "second_stage", "first_stage"}
     assert rep["fused"] is None                                       # no dev transcripts: not reported
+    assert rep["second_stage"] is False and rep["first_stage"] is None     # no RUN/second.pt: first stage only
     # 7 queries: c0 alpha, c1 alpha, c2 bravo, c3 delta, c4 echo, c6 charlie, c6 echo
     assert rep["queries"] == 7 and rep["glossary_size"] == 6
     assert rep["recall"] == pytest.approx({"1": 5 / 7, "2": 1.0, "3": 1.0})

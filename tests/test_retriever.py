@@ -203,3 +203,50 @@ def test_stream_with_the_transcript_equals_offline_and_batches_change_nothing():
             assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
             assert [c["term"] for c in a["audio_candidates"]] == [c["term"] for c in b["audio_candidates"]]
             assert all(NATO[c["id"]] == c["term"] == c["key"] for c in a["candidates"])
+
+
+def second_stage_retriever(threshold=0.0):
+    """make_retriever's glossary with a hand-built second stage: random matching of each term's 'phones'
+    (its letters) to the window's band frames, all of the mix on the match: another order than the cosine's."""
+    from shared import second_stage as ss
+    r = make_retriever(threshold)
+    phones = [f"t{'abcdefgh'[i]}{i}" for i in range(8)]
+    vocab = ss.build_vocab({"phones": phones})
+    torch.manual_seed(0)
+    module = ss.build(ss.spec_of(8, vocab, 16, "monotonic", 16, 5)).eval()
+    with torch.no_grad():
+        module.mix.copy_(torch.tensor([0.0, 1.0]))
+    rr = ss.Reranker(module, ss.spec_of(8, vocab, 16, "monotonic", 16, 5), {})
+    r.reranker, r.token_table = rr, rr.token_table({"spell": phones, "phones": phones})
+    return r
+
+
+def test_the_second_stage_reorders_and_stream_equals_offline():
+    r = second_stage_retriever()
+    wav = talk(8.3, seed=1)
+    offline = r.retrieve(wav, top_k=3)
+    stream, got = r.stream(top_k=3), []
+    for b in range(0, len(wav), 5000):
+        got += stream.push(wav[b:b + 5000])
+    got += stream.flush()
+    assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
+    for a, b in zip(got, offline):
+        assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
+        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]],
+                                   atol=2e-4)
+    # the candidates are the first stage's top_n (5 of 8) re-ordered by the fused score, not the cosine order
+    first = make_retriever(0.0).retrieve(wav, top_k=3)
+    assert [[c["term"] for c in w["candidates"]] for w in offline] != \
+        [[c["term"] for c in w["candidates"]] for w in first]
+    vecs, items = r._window_taps([wav[:30720]])
+    cos = (vecs @ r.glossary.vectors.T)[0]
+    top5 = set(np.argsort(-cos)[:5].tolist())
+    ids, scores = r.rank(vecs, items, 5)
+    assert set(ids[0].tolist()) == top5 and np.all(np.diff(scores[0]) <= 1e-6)
+
+
+def test_without_the_second_stage_it_is_the_first_stage():
+    r = second_stage_retriever(threshold=0.3)
+    r.reranker = r.token_table = None          # what Retriever.load(second=False) or a run without second.pt gives
+    wav = talk(8.0, seed=1)
+    assert r.retrieve(wav, top_k=3) == make_retriever(0.3).retrieve(wav, top_k=3)
