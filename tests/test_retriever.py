@@ -95,7 +95,15 @@ def test_top_k_per_window_gives_candidates_over_threshold_with_translations():
     assert during and all(w["candidates"][0]["term"] == "term5" for w in during)
     assert during[0]["candidates"][0]["translations"] == {"de": "TERM5"}
     assert any(w["candidates"] and w["candidates"][0]["term"] == "term2" for w in out if w["start"] >= 4.5)
-    assert all(not w["candidates"] for w in out if w["end"] <= 1.9)     # noise alone: rejected
+    # noise alone ([0, 1.92], before term5 starts) scores below every window holding term5, so a threshold
+    # between the two rejects it and keeps those windows' term5
+    noise_top = max((c["score"] for w in out if w["end"] <= 2.0 for c in w["candidates"]), default=0.0)
+    term_top = min(w["candidates"][0]["score"] for w in during)
+    assert noise_top < term_top
+    r.threshold = (noise_top + term_top) / 2
+    again = r.retrieve(talk(), top_k=3)
+    assert all(not w["candidates"] for w in again if w["end"] <= 2.0)
+    assert all(w["candidates"][0]["term"] == "term5" for w in again if w["start"] >= 1.9 and w["end"] <= 4.1)
 
 
 @pytest.mark.parametrize("seconds", [1.0, 1.92, 2.88, 8.0, 8.3])
