@@ -46,7 +46,7 @@ from shared.distractors import clashes
 from shared.errors import BadInput
 from shared.glossary import normalize
 from shared.heads import checkpoint_path, embed, load_model
-from shared.termside import embed_glossary, embed_text_table, rows_to_terms
+from shared.termside import embed_glossary, embed_text_table, glossary_forms, rows_to_terms
 from stage2_train.data import SplitData
 from shared.index import build_index, load_index_if, save_index, search
 from shared.metrics import auroc, false_alarm_rate, pick_threshold, query_hits, recall_at_threshold
@@ -115,11 +115,22 @@ def trained_keys(cache: FeatureCache, limit: int) -> set[str]:
     return {normalize(keys[t]) for t in data.used_terms()}
 
 
-def glossary_forms(glossary: dict) -> list[str]:
-    """Every written form of a glossary (keys, display texts when they are the terms, aliases)."""
-    from stage3_index.cascade import term_forms
-    texts = glossary.get("texts") if glossary.get("text_field", "term") == "term" else None
-    return term_forms(glossary["keys"], glossary.get("aliases", {}), texts)[0]
+def kept_distractors(model, own: FeatureCache, cache: FeatureCache):
+    """The distractor names that are real negatives for `cache`'s corpus, or None when there are none:
+    (the cache they come from (another corpus borrows the run's: same backbone, same features), kept
+    indices into its distractors.json, kept names, their vectors, {"glossary", "spoken"} counts dropped).
+    Only real negatives: names clashing with a glossary form or spoken in the corpus are dropped
+    (shared/distractors.py: why here and not in stage 1)."""
+    dist_cache = cache if "text/distractors" in cache.tables else own
+    if "text/distractors" not in dist_cache.tables:
+        return None
+    names = dist_cache.read_json("distractors.json")
+    in_gloss, spoken = clashes(names, glossary_forms(cache.read_json("glossary.json"))[0],
+                               cache.read_json("chunk_texts.json"))
+    ok = np.flatnonzero(~(in_gloss | spoken))
+    vecs = np.ascontiguousarray(embed_text_table(model, dist_cache, "distractors")[ok], dtype=np.float32)
+    dropped = {"glossary": int(in_gloss.sum()), "spoken": int((spoken & ~in_gloss).sum())}
+    return dist_cache, ok, [names[i] for i in ok], vecs, dropped
 
 
 def trained_words(cache: FeatureCache, limit: int) -> set[str]:
@@ -680,23 +691,15 @@ def compute_report(e: EvalInputs, log=print) -> tuple[dict, dict, np.ndarray, np
     split_terms = sorted({t for ts in gold for t in ts})
     dist_texts: list[str] = []
     dropped = None
-    # another corpus without distractors of its own borrows the run's: same backbone, same features
-    dist_cache = cache if "text/distractors" in cache.tables else own
-    if "text/distractors" in dist_cache.tables:
-        dist_texts = dist_cache.read_json("distractors.json")
-        dist_vecs = np.ascontiguousarray(embed_text_table(model, dist_cache, "distractors"), dtype=np.float32)
-        # only real negatives for the evaluated corpus (shared/distractors.py: why here and not in stage 1)
-        clash_gloss, clash_spoken = clashes(dist_texts, glossary_forms(glossary),
-                                            cache.read_json("chunk_texts.json"))
-        dropped = {"glossary": int(clash_gloss.sum()), "spoken": int((clash_spoken & ~clash_gloss).sum())}
-        ok = ~(clash_gloss | clash_spoken)
-        log(f"distractors: {int(ok.sum())} of {len(dist_texts)} kept ({dropped['glossary']} clash with a glossary "
-            f"form, {dropped['spoken']} more are spoken in the corpus)")
-        dist_vecs, dist_texts = dist_vecs[ok], [t for t, o in zip(dist_texts, ok) if o]
+    kept = kept_distractors(model, own, cache)
+    if kept is not None:
+        dist_cache, ok, dist_texts, dist_vecs, dropped = kept
+        log(f"distractors: {len(ok)} of {len(dist_cache.read_json('distractors.json'))} kept ({dropped['glossary']} "
+            f"clash with a glossary form, {dropped['spoken']} more are spoken in the corpus)")
         if second is not None:
             from stage3_index.second_eval import _forms
             dforms = _forms(dist_cache, "distractors")
-            second[3] = {f: (None if v is None else [t for t, o in zip(v, ok) if o]) for f, v in dforms.items()}
+            second[3] = {f: (None if v is None else [v[i] for i in ok]) for f, v in dforms.items()}
         by_size = by_glossary_size(audio, gold, split_terms, vecs, owner, n_terms, dist_vecs,
                                    cfg.eval.glossary_sizes, factory, ks, log, second=second)
     else:

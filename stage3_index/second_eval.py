@@ -54,19 +54,14 @@ def _forms(cache: FeatureCache, group: str) -> dict:
 def padded_glossary(model, own: FeatureCache, cache: FeatureCache, gloss, split_terms, size: int, log=print):
     """(vectors, owner, forms) of a glossary of `size` terms as eval builds it: every row of the split's
     terms, then real distractor names (those that clash with the corpus dropped, as eval does)."""
-    from shared.distractors import clashes
-    from shared.termside import embed_text_table, glossary_forms
-    from stage3_index.evaluate import distractor_rows
+    from stage3_index.evaluate import distractor_rows, kept_distractors
     vecs, owner = gloss
     forms = _forms(cache, "glossary")
-    dist_cache = cache if "text/distractors" in cache.tables else own
-    if "text/distractors" not in dist_cache.tables:
-        raise BadInput("no distractors in the cache: no glossary size", file=dist_cache.root,
+    kept = kept_distractors(model, own, cache)
+    if kept is None:
+        raise BadInput("no distractors in the cache: no glossary size", file=own.root,
                        fix="extract with --set data.distractors=builtin")
-    names = dist_cache.read_json("distractors.json")
-    g, spoken = clashes(names, glossary_forms(cache.read_json("glossary.json"))[0], cache.read_json("chunk_texts.json"))
-    ok = np.flatnonzero(~(g | spoken))
-    dvecs = embed_text_table(model, dist_cache, "distractors")[ok]
+    dist_cache, ok, _, dvecs, _ = kept
     dforms = _forms(dist_cache, "distractors")
     n_terms = len(cache.read_json("glossary.json")["keys"])
     rows, n_pad = distractor_rows(split_terms, owner, n_terms, len(ok), size)

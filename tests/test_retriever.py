@@ -1,5 +1,7 @@
 """The retriever on a synthesised WAV whose 'term' (a tone band) sounds at a known time: merged terms,
 top-K per window, and the live stream (same windows and candidates as the offline pass)."""
+import itertools
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -84,6 +86,25 @@ def talk(seconds=8.0, seed=0):
     return wav.astype(np.float32)
 
 
+def stream_through(stream, wav, sizes):
+    """Every window `stream` gives for `wav` pushed in blocks of the given sizes (cycled), then flushed."""
+    got, pos, sizes = [], 0, iter(sizes)
+    while pos < len(wav):
+        n = next(sizes)
+        got += stream.push(wav[pos:pos + n])
+        pos += n
+    return got + stream.flush()
+
+
+def same_windows(got, offline):
+    """The same windows with the same candidates (terms in order, scores to float tolerance)."""
+    assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
+    for a, b in zip(got, offline):
+        assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
+        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]],
+                                   atol=2e-4)
+
+
 def test_top_k_per_window_gives_candidates_over_threshold_with_translations():
     r = make_retriever(threshold=0.3)
     out = r.retrieve(talk(), top_k=3)
@@ -112,18 +133,9 @@ def test_stream_equals_offline(seconds, block):
     r = make_retriever(threshold=0.3)
     wav = talk(seconds, seed=1)
     offline = r.retrieve(wav, top_k=3)
-    stream, got, pos = r.stream(top_k=3), [], 0
     rng = np.random.default_rng(2)
-    while pos < len(wav):
-        n = int(rng.integers(1, 12000)) if block == "random" else block
-        got += stream.push(wav[pos:pos + n])
-        pos += n
-    got += stream.flush()
-    assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
-    for a, b in zip(got, offline):
-        assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
-        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]],
-                                   atol=2e-4)
+    sizes = (int(rng.integers(1, 12000)) for _ in iter(int, 1)) if block == "random" else itertools.repeat(block)
+    same_windows(stream_through(r.stream(top_k=3), wav, sizes), offline)
     # windows come out as soon as complete: after 2.0 s of audio the window [0, 1.92] is out
     s2 = r.stream(top_k=3)
     first = s2.push(wav[:32000]) if len(wav) >= 32000 else []
@@ -135,11 +147,7 @@ def test_stream_merge_matches_offline_merge():
     from stage3_index.retriever import merge_windows
     r = make_retriever()
     wav = talk()
-    stream = r.stream(top_k=1)
-    wins = []
-    for b in range(0, len(wav), 4000):
-        wins += stream.push(wav[b:b + 4000])
-    wins += stream.flush()
+    wins = stream_through(r.stream(top_k=1), wav, itertools.repeat(4000))
     assert merge_windows(wins) == r.retrieve(wav) and [h["term"] for h in r.retrieve(wav)][0] == "term5"
 
 
@@ -202,13 +210,9 @@ def test_stream_with_the_transcript_equals_offline_and_batches_change_nothing():
     wav = talk(8.3, seed=3)
     offline = r.retrieve(wav, top_k=3)
     for batch in (1, 4):
-        s, got = r.stream(top_k=3, batch=batch, with_id=True), []
-        for b in range(0, len(wav), 7000):
-            got += s.push(wav[b:b + 7000])
-        got += s.flush()
-        assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
+        got = stream_through(r.stream(top_k=3, batch=batch, with_id=True), wav, itertools.repeat(7000))
+        same_windows(got, offline)
         for a, b in zip(got, offline):
-            assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
             assert [c["term"] for c in a["audio_candidates"]] == [c["term"] for c in b["audio_candidates"]]
             assert all(NATO[c["id"]] == c["term"] == c["key"] for c in a["candidates"])
 
@@ -233,15 +237,7 @@ def test_the_second_stage_reorders_and_stream_equals_offline():
     r = second_stage_retriever()
     wav = talk(8.3, seed=1)
     offline = r.retrieve(wav, top_k=3)
-    stream, got = r.stream(top_k=3), []
-    for b in range(0, len(wav), 5000):
-        got += stream.push(wav[b:b + 5000])
-    got += stream.flush()
-    assert [(w["start"], w["end"]) for w in got] == [(w["start"], w["end"]) for w in offline]
-    for a, b in zip(got, offline):
-        assert [c["term"] for c in a["candidates"]] == [c["term"] for c in b["candidates"]]
-        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]],
-                                   atol=2e-4)
+    same_windows(stream_through(r.stream(top_k=3), wav, itertools.repeat(5000)), offline)
     # the candidates are the first stage's top_n (5 of 8) re-ordered by the fused score, not the cosine order
     first = make_retriever(0.0).retrieve(wav, top_k=3)
     assert [[c["term"] for c in w["candidates"]] for w in offline] != \
